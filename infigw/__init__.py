@@ -1,0 +1,14 @@
+"""infigw: kernel-accelerated Graph-on-Logits Distillation (GLD) and fusion losses for LLMs.
+
+Public names: the losses (``GLDLoss``, ``ULDLoss``, ``InfiGFusionLoss``), ``functional``, the teacher record
+type ``TopKRecord``, and ``backends()`` (which implementations this machine can run, and why not).
+"""
+__version__ = "0.1.0"
+
+from . import functional
+from .dispatch import BackendUnavailableError, backends
+from .losses import GLDLoss, InfiGFusionLoss, ULDLoss
+from .teacher import TopKRecord
+
+__all__ = ["functional", "GLDLoss", "ULDLoss", "InfiGFusionLoss", "TopKRecord", "backends",
+           "BackendUnavailableError", "__version__"]

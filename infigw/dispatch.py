@@ -1,0 +1,120 @@
+"""Which implementation of an op runs, and why.
+
+Backends:
+  ``torch``   the pure-PyTorch reference (:mod:`infigw.reference`); always available, any device.
+  ``cpp``     the C++ CPU kernels of the extension ``infigw._C``; CPU tensors.
+  ``cuda``    the CUDA kernels of ``infigw._C``; CUDA tensors.
+  ``triton``  the Triton kernels (:mod:`infigw.triton`); CUDA tensors, or CPU tensors under
+              ``TRITON_INTERPRET=1`` (how CI tests them).
+
+``backend="auto"`` picks, per op and device, the first available entry of :data:`AUTO_ORDER`;
+the environment variable ``INFIGW_BACKEND`` replaces ``auto`` by a fixed name. A backend asked for by
+name that cannot run the call raises :class:`BackendUnavailableError` saying why; there is no silent fallback.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, Tuple
+
+import torch
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+OPS = ("topk_degrees", "coactivation_graph", "sorted_l1", "gw1d_sorted")
+
+# auto preference per device type and op. On CUDA the order comes from benchmarks/RESULTS.md
+# (the faster of CUDA and Triton per op); on CPU the C++ kernels beat the reference everywhere.
+AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "cpu": {op: ("cpp", "torch") for op in OPS},
+    "cuda": {op: ("cuda", "triton", "torch") for op in OPS},
+}
+
+# Modules that register implementations when imported, and why a backend may be missing.
+_PROVIDERS = {
+    "torch": "infigw.reference.ops",
+    "cpp": "infigw.ops.extension",
+    "cuda": "infigw.ops.extension",
+    "triton": "infigw.triton",
+}
+_IMPLS: Dict[Tuple[str, str], Callable] = {}
+_UNAVAILABLE: Dict[str, str] = {}
+_loaded: set = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def register(backend: str, op: str, fn: Callable) -> None:
+    """Called by provider modules at import time."""
+    if backend not in BACKENDS or op not in OPS:
+        raise ValueError(f"unknown backend/op pair ({backend!r}, {op!r})")
+    _IMPLS[(backend, op)] = fn
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    """Called by provider modules that cannot offer ``backend`` on this machine."""
+    _UNAVAILABLE[backend] = reason
+
+
+def _load(backend: str) -> None:
+    module = _PROVIDERS[backend]
+    if module in _loaded:
+        return
+    _loaded.add(module)
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
+        for name, provider in _PROVIDERS.items():
+            if provider == module:
+                _UNAVAILABLE.setdefault(name, f"importing {module} failed: {exc}")
+
+
+def _why_not(backend: str, op: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    _load(backend)
+    if (backend, op) not in _IMPLS:
+        return _UNAVAILABLE.get(backend, f"backend {backend!r} has no implementation of {op!r}")
+    if backend == "cpp" and device.type != "cpu":
+        return f"backend 'cpp' runs on CPU tensors, got a {device.type} tensor"
+    if backend == "cuda" and device.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors, got a {device.type} tensor"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    return None
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if backend == "auto":
+        backend = os.environ.get("INFIGW_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, {}).get(op, ("torch",)):
+            if _why_not(candidate, op, device) is None:
+                return candidate, _IMPLS[(candidate, op)]
+        return "torch", _IMPLS[("torch", op)]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = _why_not(backend, op, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {op!r}: {reason}")
+    return backend, _IMPLS[(backend, op)]
+
+
+def backends() -> Dict[str, str]:
+    """Map every backend name to ``"available"`` or the reason it is not, for this machine."""
+    report = {}
+    for name in BACKENDS:
+        _load(name)
+        have = any((name, op) in _IMPLS for op in OPS)
+        if not have:
+            report[name] = _UNAVAILABLE.get(name, "no implementation registered")
+        elif name == "cuda" and not torch.cuda.is_available():
+            report[name] = "built, but no CUDA device is visible"
+        elif name == "triton" and not torch.cuda.is_available():
+            report[name] = "importable; runs on CUDA tensors (CPU only under TRITON_INTERPRET=1)"
+        else:
+            report[name] = "available"
+    return report

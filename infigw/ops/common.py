@@ -1,0 +1,46 @@
+"""What every backend of an op shares: the mode codes of the C++/CUDA schemas and the result type.
+
+An op implementation ("backend") is a plain Python callable registered in :mod:`infigw.dispatch`; all
+backends of one op take the same arguments and return the same thing:
+
+``topk_degrees(logits, row_graph, num_graphs, k, values, temperature, nodes, norm, deterministic)``
+    logits (N, V) fp32/fp16/bf16; row_graph (N,) int64, graph index per row or -1 for a masked row.
+    Returns :class:`TopKDegrees`; ``degrees`` is differentiable w.r.t. ``logits``.
+``coactivation_graph(kept_values, kept_ids, row_graph, num_graphs, nodes, norm)``
+    Returns ``(indices (3, nnz) int64, values (nnz,) f32)``: coalesced COO entries (graph, i, j), sorted.
+``sorted_l1(f, g)``
+    f, g (G, L) f32 descending zero-padded lists -> (G,) f32; differentiable in f and g.
+``gw1d_sorted(x, y, lengths)``
+    x, y (G, L) f32 descending lists, lengths (G,) int64 -> (G,) f32; differentiable in x and y.
+"""
+from typing import NamedTuple
+
+import torch
+
+VALUES = {"logits": 0, "probs": 1, "topk_probs": 2}
+NODES = {"vocab": 0, "rank": 1}
+NORMS = {"mean": 0, "sum": 1, "cosine": 2}
+
+
+class TopKDegrees(NamedTuple):
+    """Per-graph node degrees and the kept top-k entries they were built from.
+
+    degrees:     (G, num_nodes) f32; num_nodes = V for vocab nodes, k for rank nodes.
+    touched:     (G, num_nodes) bool; the node appears in a kept set of a valid row of that graph.
+    kept_values: (N, k) f32 transformed node values a_p in rank order (0 on masked rows), detached.
+    kept_ids:    (N, k) int64 vocabulary ids in rank order (value descending, ties to the smaller id).
+    """
+
+    degrees: torch.Tensor
+    touched: torch.Tensor
+    kept_values: torch.Tensor
+    kept_ids: torch.Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every input dtype, except fp64 inputs (gradcheck), which stay fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_nodes_of(nodes: str, vocab_size: int, k: int) -> int:
+    return vocab_size if nodes == "vocab" else k

@@ -1,0 +1,18 @@
+"""The GLD contract (../shared/spec/GLD.md) in plain PyTorch: the reference every backend is tested against.
+
+Stages, in data-flow order: select (top-k + value transform) -> degrees (per-graph node degrees) -> graph
+(explicit co-activation graph, for validation) -> closed_forms (sort/compress, sorted L1, 1-D GW) -> uld.
+"""
+from .closed_forms import gw1d_sorted, pad_to, sort_compress, sorted_l1
+from .degrees import degrees_from_kept, node_ids, topk_degrees
+from .graph import coactivation_graph, dense_graphs
+from .select import rank_order, row_logsumexp, select_topk, transform_values
+from .uld import aligned_rows, sorted_prob_l1, standardize
+
+__all__ = [
+    "select_topk", "rank_order", "row_logsumexp", "transform_values",
+    "node_ids", "degrees_from_kept", "topk_degrees",
+    "coactivation_graph", "dense_graphs",
+    "sort_compress", "pad_to", "sorted_l1", "gw1d_sorted",
+    "aligned_rows", "standardize", "sorted_prob_l1",
+]

@@ -364,8 +364,8 @@ def _uld_terms(student_logits, valid, teachers, teacher_valids, *, temperature, 
             else:
                 q = _uld_probs(teacher.detach().reshape(-1, teacher.shape[-1])[t_rows], temperature, top_k, standardized)
         per_pair = sorted_prob_l1(p, q)
-        pairs = torch.zeros(batch, device=per_pair.device).index_add(0, sequence, torch.ones_like(per_pair))
-        summed = torch.zeros(batch, device=per_pair.device, dtype=per_pair.dtype).index_add(0, sequence, per_pair)
+        pairs = torch.bincount(sequence, minlength=batch)
+        summed = per_pair.new_zeros(batch).index_add(0, sequence, per_pair)
         terms.append(summed / pairs.clamp_min(1))
         included.append(pairs > 0)
     return torch.stack(terms), torch.stack(included)

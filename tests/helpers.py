@@ -10,7 +10,7 @@ NORM_MODES = ("mean", "sum", "cosine")
 
 
 def assert_close(actual, expected, *, atol=1e-5, rtol=1e-5, name="value"):
-    """torch.testing.assert_close with the worst element and both values in the message."""
+    """Closeness with the worst element and both values in the message; NaN must stand at the same places."""
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected)
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
@@ -20,7 +20,7 @@ def assert_close(actual, expected, *, atol=1e-5, rtol=1e-5, name="value"):
     diff = (a - e).abs()
     both_nan = torch.isnan(a) & torch.isnan(e)
     diff = torch.where(both_nan, torch.zeros_like(diff), diff)
-    bad = ~(diff <= atol + rtol * e.abs())
+    bad = ~(diff <= atol + rtol * e.abs()) & ~both_nan
     if bad.any():
         worst = int(torch.argmax(torch.where(bad, diff, torch.zeros_like(diff)).reshape(-1)))
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))

@@ -43,10 +43,15 @@ def select_topk(logits: torch.Tensor, k: int):
 
 
 def rank_order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Reorder ``ids`` (..., k) by value descending, then id ascending."""
+    """Reorder ``ids`` (..., k) by value descending (NaN first), then id ascending."""
     by_id = ids.sort(-1).values
-    by_value = torch.sort(values.gather(-1, ids.argsort(-1)), dim=-1, descending=True, stable=True).indices
-    return by_id.gather(-1, by_value)
+    key = values.gather(-1, ids.argsort(-1)).float()
+    # Where NaN lands in a sort differs between devices and dtypes (bf16 on CUDA puts it last): rank by
+    # value with NaN as +inf, then move the NaNs to the front; both passes are stable, so ties keep id order.
+    nan = torch.isnan(key)
+    order = torch.sort(torch.where(nan, float("inf"), key), dim=-1, descending=True, stable=True).indices
+    nan_first = torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return by_id.gather(-1, order.gather(-1, nan_first))
 
 
 def row_logsumexp(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything the GPU machine is for, in one run from the repository root (it keeps nothing between runs):
+# build the CUDA extension, run the GPU tests, compute-sanitizer, and the GPU benchmarks.
+# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [dlf]   (default: all)
+set -uo pipefail
+OUT="${OUT:-/tmp/infigw-gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+stages="${*:-build test sanitize bench dlf}"
+status=0
+want() { [[ " $stages " == *" $1 "* ]]; }
+step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$OUT/device.txt"
+
+if want build; then
+  step "build (CPU + CUDA kernels)"
+  if ! INFIGW_FORCE_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; exit 1
+  fi
+  grep -iE "warning|error" "$OUT/build.log" | grep -v "^running" | head -20
+  python3 -c "import infigw; print(infigw.backends())" | tee -a "$OUT/device.txt"
+fi
+
+if want test; then
+  step "GPU tests"
+  python3 -m pytest tests/test_extension_ops.py tests/test_cuda_kernels.py tests/test_triton.py tests/test_dlf.py \
+    -q -p no:cacheprovider -k "cuda or gpu" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want sanitize; then
+  step "compute-sanitizer"
+  bash benchmarks/gpu_check.sh > "$OUT/sanitizer.log" 2>&1 || status=1
+  tail -15 "$OUT/sanitizer.log"
+fi
+
+if want bench; then
+  step "GLD benchmarks"
+  python3 -m benchmarks.bench_gld_gpu --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gld.log" | tail -60
+fi
+
+if want dlf; then
+  step "DLF benchmark"
+  python3 -m benchmarks.bench_dlf --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_dlf.log" | tail -20
+fi
+exit $status

@@ -1,0 +1,20 @@
+"""Triton kernels of infigw: the ``triton`` backend of :mod:`infigw.dispatch`.
+
+Every op is a ``torch.library.triton_op`` in the ``infigw_triton`` namespace (``torch.compile`` traces into
+the kernels without graph breaks) with its autograd registered beside it, one file per op. Kernels run on
+CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (read when this package is imported), which is
+how CI tests them. Importing this package without Triton marks the backend unavailable with the reason.
+"""
+from .. import dispatch
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # the backend is optional
+    dispatch.mark_unavailable("triton", f"triton is not importable: {exc}")
+else:
+    from . import closed_forms, graph, topk_degrees
+
+    dispatch.register("triton", "topk_degrees", topk_degrees.topk_degrees)
+    dispatch.register("triton", "coactivation_graph", graph.coactivation_graph)
+    dispatch.register("triton", "sorted_l1", closed_forms.sorted_l1)
+    dispatch.register("triton", "gw1d_sorted", closed_forms.gw1d_sorted)

@@ -156,7 +156,7 @@ def run_shape(rows, vocab, k, dtype_name, bandwidth, backends, device):
     return records
 
 
-LAUNCH_SWEEP = [(4096, 4), (8192, 8), (8192, 16), (16384, 16), (32768, 32)]  # (tile bytes, warps)
+LAUNCH_SWEEP = [(2048, 2), (2048, 4), (4096, 2), (4096, 4), (8192, 4), (8192, 8)]  # (tile bytes, warps)
 
 
 def sweep_triton_launch(fn, device):

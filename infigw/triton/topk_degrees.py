@@ -33,11 +33,11 @@ from ..ops.common import NODES, NORMS, VALUES, TopKDegrees
 
 #: Largest k the Triton backend accepts (the running top-k lives in registers).
 MAX_K = 1024
-#: Launch shape of the streaming kernels: logits bytes per vocabulary tile and warps per program. 8 KiB and
-#: 8 warps keep two programs (16 KiB of prefetched tiles) per SM at ~120 registers; set before H100 timings
-#: existed: ``benchmarks/bench_gld_gpu.py`` times the alternatives at the acceptance shape.
-TILE_BYTES = 8192
-NUM_WARPS = 8
+#: Launch shape of the streaming kernels: logits bytes per vocabulary tile and warps per program. Chosen by
+#: measurement (benchmarks/RESULTS.md, H100, B*T=16384, V=151936, k=10, bf16): 4 KiB / 4 warps ran forward +
+#: backward in 4.95 ms against 6.62 ms for 8 KiB / 8 warps; ``benchmarks/bench_gld_gpu.py`` re-times the sweep.
+TILE_BYTES = 4096
+NUM_WARPS = 4
 # Upper bound of the tile width; a module global so the interpreter tests can force several tiles per row.
 _MAX_BLOCK_V = 16384
 _SEGMENT_BLOCK = 128

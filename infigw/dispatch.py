@@ -22,11 +22,18 @@ import torch
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 OPS = ("topk_degrees", "coactivation_graph", "sorted_l1", "gw1d_sorted")
 
-# auto preference per device type and op. On CUDA the order comes from benchmarks/RESULTS.md
-# (the faster of CUDA and Triton per op); on CPU the C++ kernels beat the reference everywhere.
+# auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
+# topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); gw1d_sorted: Triton
+# 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists; sorted_l1 is one elementwise pass, where torch's own
+# kernels (0.27 ms) beat both custom ones; coactivation_graph (validation only) was not timed.
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {op: ("cpp", "torch") for op in OPS},
-    "cuda": {op: ("cuda", "triton", "torch") for op in OPS},
+    "cuda": {
+        "topk_degrees": ("cuda", "triton", "torch"),
+        "coactivation_graph": ("cuda", "triton", "torch"),
+        "sorted_l1": ("torch", "cuda", "triton"),
+        "gw1d_sorted": ("triton", "cuda", "torch"),
+    },
 }
 
 # Modules that register implementations when imported, and why a backend may be missing.
@@ -37,6 +44,7 @@ _PROVIDERS = {
     "triton": "infigw.triton",
 }
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
+_MAX_K: Dict[Tuple[str, str], int] = {}  # the largest k an implementation accepts, where it has a limit
 _UNAVAILABLE: Dict[str, str] = {}
 _loaded: set = set()
 
@@ -45,11 +53,13 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
 
-def register(backend: str, op: str, fn: Callable) -> None:
-    """Called by provider modules at import time."""
+def register(backend: str, op: str, fn: Callable, max_k: int | None = None) -> None:
+    """Called by provider modules at import time; ``max_k`` is the largest top-k the implementation takes."""
     if backend not in BACKENDS or op not in OPS:
         raise ValueError(f"unknown backend/op pair ({backend!r}, {op!r})")
     _IMPLS[(backend, op)] = fn
+    if max_k is not None:
+        _MAX_K[(backend, op)] = max_k
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
@@ -70,11 +80,14 @@ def _load(backend: str) -> None:
                 _UNAVAILABLE.setdefault(name, f"importing {module} failed: {exc}")
 
 
-def _why_not(backend: str, op: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+def _why_not(backend: str, op: str, device: torch.device, k: int | None = None) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device`` (with top-k ``k``), else the reason it cannot."""
     _load(backend)
     if (backend, op) not in _IMPLS:
         return _UNAVAILABLE.get(backend, f"backend {backend!r} has no implementation of {op!r}")
+    limit = _MAX_K.get((backend, op))
+    if k is not None and limit is not None and k > limit:
+        return f"backend {backend!r} supports k <= {limit} for {op!r}, got k = {k}"
     if backend == "cpp" and device.type != "cpu":
         return f"backend 'cpp' runs on CPU tensors, got a {device.type} tensor"
     if backend == "cuda" and device.type != "cuda":
@@ -84,20 +97,20 @@ def _why_not(backend: str, op: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device``."""
+def resolve(op: str, backend: str, device: torch.device, k: int | None = None) -> Tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device`` (and top-k ``k``)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend == "auto":
         backend = os.environ.get("INFIGW_BACKEND", "auto") or "auto"
     if backend == "auto":
         for candidate in AUTO_ORDER.get(device.type, {}).get(op, ("torch",)):
-            if _why_not(candidate, op, device) is None:
+            if _why_not(candidate, op, device, k) is None:
                 return candidate, _IMPLS[(candidate, op)]
         return "torch", _IMPLS[("torch", op)]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    reason = _why_not(backend, op, device)
+    reason = _why_not(backend, op, device, k)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run {op!r}: {reason}")
     return backend, _IMPLS[(backend, op)]

@@ -120,7 +120,7 @@ def _record_kept(record: TopKRecord, k: int, values: str, temperature: float):
 
 def _degrees(logits, valid, *, k, values, nodes, graph_norm, scope, temperature, deterministic, backend):
     row_graph, num_graphs = _graph_rows(valid, scope)
-    _, implementation = dispatch.resolve("topk_degrees", backend, logits.device)
+    _, implementation = dispatch.resolve("topk_degrees", backend, logits.device, k)
     result = implementation(logits.reshape(-1, logits.shape[-1]), row_graph, num_graphs, k, values,
                             temperature, nodes, graph_norm, deterministic)
     return result, row_graph, num_graphs

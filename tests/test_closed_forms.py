@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import infigw.functional as F
+from infigw.exact_gw import brute_force_gw, line_distance_matrix
 from infigw.reference import gw1d_sorted, sort_compress, sorted_l1
 
 from .helpers import assert_close
@@ -12,16 +13,12 @@ from .helpers import assert_close
 
 def gw_cost_double_sum(x, y):
     """sum_{i,j} ((x_i - x_j)^2 - (y_i - y_j)^2)^2 in fp64, O(n^2)."""
-    x, y = x.double(), y.double()
-    dx = (x.unsqueeze(0) - x.unsqueeze(1)) ** 2
-    dy = (y.unsqueeze(0) - y.unsqueeze(1)) ** 2
-    return ((dx - dy) ** 2).sum()
+    return ((line_distance_matrix(x) - line_distance_matrix(y)) ** 2).sum()
 
 
 def gw1d_brute_force(x, y):
-    """min over all permutations sigma of (1/n^2) cost(x, y_sigma): exact 1-D GW (equal n, uniform weights)."""
-    n = x.numel()
-    return min(gw_cost_double_sum(x, y[list(p)]) for p in itertools.permutations(range(n))) / n**2
+    """Exact 1-D GW (equal n, uniform weights): the best permutation of the squared-distance matrices."""
+    return torch.tensor(brute_force_gw(line_distance_matrix(x), line_distance_matrix(y)).value)
 
 
 def test_sort_compress_orders_truncates_and_zero_pads():
@@ -109,3 +106,10 @@ def test_closed_forms_gradcheck():
     torch.autograd.gradcheck(sorted_l1, (f, h))
     torch.autograd.gradcheck(lambda a, b: gw1d_sorted(a, b, torch.tensor([7, 5, 3])), (f, h))
     torch.autograd.gradcheck(lambda a, b: F.sorted_gw1d(a, b), (f, h))
+
+
+def test_gw1d_is_exactly_zero_and_never_negative_for_equal_sets():
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(16, 40, generator=g) * 100 + 1e3).sort(-1, descending=True).values
+    out = gw1d_sorted(x, x.clone(), torch.full((16,), 40))
+    assert torch.equal(out, torch.zeros(16)), out

@@ -34,3 +34,13 @@ def test_unknown_op_and_backend():
         dispatch.resolve("sinkhorn", "auto", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be"):
         dispatch.resolve("sorted_l1", "jax", torch.device("cpu"))
+
+
+def test_k_limits_steer_auto_and_name_the_limit(monkeypatch):
+    monkeypatch.setitem(dispatch._IMPLS, ("cpp", "topk_degrees"), lambda *args: None)
+    monkeypatch.setitem(dispatch._MAX_K, ("cpp", "topk_degrees"), 4)
+    cpu = torch.device("cpu")
+    assert dispatch.resolve("topk_degrees", "auto", cpu, k=4)[0] == "cpp"
+    assert dispatch.resolve("topk_degrees", "auto", cpu, k=5)[0] == "torch"
+    with pytest.raises(infigw.BackendUnavailableError, match="supports k <= 4"):
+        dispatch.resolve("topk_degrees", "cpp", cpu, k=5)

@@ -54,7 +54,7 @@ def _extensions():
     )
     debug = _flag("INFIGW_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx += ["-std=c++17"]  # py_limited_api=True below defines Py_LIMITED_API
     if cpp_extension.check_compiler_ok_for_platform("c++"):
         cxx.append("-fopenmp")
     extra = {"cxx": cxx}

@@ -28,7 +28,8 @@ class TopKDegrees(NamedTuple):
     degrees:     (G, num_nodes) f32; num_nodes = V for vocab nodes, k for rank nodes.
     touched:     (G, num_nodes) bool; the node appears in a kept set of a valid row of that graph.
     kept_values: (N, k) f32 transformed node values a_p in rank order (0 on masked rows), detached.
-    kept_ids:    (N, k) int64 vocabulary ids in rank order (value descending, ties to the smaller id).
+    kept_ids:    (N, k) int64 vocabulary ids in rank order (value descending, ties to the smaller id);
+                 unspecified on masked rows (kernels skip those rows entirely).
     """
 
     degrees: torch.Tensor

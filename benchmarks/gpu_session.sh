@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one run from the repository root (it keeps nothing between runs):
 # build the CUDA extension, run the GPU tests, compute-sanitizer, and the GPU benchmarks.
-# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [dlf]   (default: all)
+# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [dlf] [gw]   (default: all)
+# POT is not on the GPU machines: carry its wheel in .whl/ (see the device notes) for the gw stage.
 set -uo pipefail
 OUT="${OUT:-/tmp/infigw-gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
-stages="${*:-build test sanitize bench dlf}"
+stages="${*:-build test sanitize bench dlf gw}"
 status=0
 want() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
@@ -50,5 +51,16 @@ fi
 if want dlf; then
   step "DLF benchmark"
   python3 -m benchmarks.bench_dlf --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_dlf.log" | tail -20
+fi
+if want gw; then
+  step "exact-GW tools and the GW comparison on CUDA"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  fi
+  python3 -m pytest tests/test_exact_gw.py -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/gw.log" | tail -5
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  python3 -m benchmarks.gw_compare --quick --device cuda --no-progress --out /tmp/gw --plots /tmp/gw/plots \
+    2>&1 | tee -a "$OUT/gw.log" | tail -40
+  tar czf "$OUT/gw.tgz" -C /tmp gw
 fi
 exit $status

@@ -20,7 +20,7 @@ import torch
 
 from . import dispatch
 from .checks import (check_choice, check_k, check_logits, check_optional_count, check_points, check_positive,
-                     check_record, check_same_device, valid_positions)
+                     check_record, check_same_device, data_checks_enabled, valid_positions)
 from .ops.common import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
 from .reference import (aligned_rows, degrees_from_kept, pad_to, select_topk, sort_compress, sorted_prob_l1,
                         standardize, transform_values)
@@ -59,21 +59,22 @@ def _check_graph_options(k, vocab, values, nodes, graph_norm, scope, temperature
     check_positive(temperature, "temperature")
 
 
+def _per_teacher(given, name, num):
+    """None, one tensor (one teacher) or a list of S entries -> a list of S entries."""
+    if given is None or isinstance(given, torch.Tensor):
+        if isinstance(given, torch.Tensor) and num > 1:
+            raise ValueError(f"{name} must be a list with one entry per teacher ({num}) when there are several teachers")
+        return [given] * num
+    if len(given) != num:
+        raise ValueError(f"{name} must have one entry per teacher ({num}), got {len(given)}")
+    return list(given)
+
+
 def _teacher_valid_list(teachers, teacher_labels, teacher_mask, student_valid, ignore_index, student):
     """Resolve each teacher's (B, T') valid positions; validate shapes and devices."""
     num = len(teachers)
-
-    def per_teacher(given, name):
-        if given is None or isinstance(given, torch.Tensor):
-            if isinstance(given, torch.Tensor) and num > 1:
-                raise ValueError(f"{name} must be a list with one entry per teacher ({num}) when there are several teachers")
-            return [given] * num
-        if len(given) != num:
-            raise ValueError(f"{name} must have one entry per teacher ({num}), got {len(given)}")
-        return list(given)
-
-    labels_list = per_teacher(teacher_labels, "teacher_labels")
-    mask_list = per_teacher(teacher_mask, "teacher_mask")
+    labels_list = _per_teacher(teacher_labels, "teacher_labels", num)
+    mask_list = _per_teacher(teacher_mask, "teacher_mask", num)
     batch, length = student_valid.shape
     valids = []
     for i, (teacher, labels, mask) in enumerate(zip(teachers, labels_list, mask_list)):
@@ -139,17 +140,58 @@ def _teacher_degrees(teacher, valid, *, k, values, nodes, graph_norm, scope, tem
                         temperature=temperature, deterministic=deterministic, backend=backend)
 
 
-def _entropies(teachers, teacher_valids, k, temperature, scope="sequence"):
-    """A deferred (S, G) mean top-k entropy per teacher and graph, for ``teacher_weights="uncertainty"``."""
-    def compute():
-        per_sequence = torch.stack([
-            weighting.topk_entropy(t, v, min(k, (t.values if isinstance(t, TopKRecord) else t).shape[-1]), temperature)
-            for t, v in zip(teachers, teacher_valids)])
-        if scope == "batch":  # one graph: the mean over the sequences that have valid positions
-            present = torch.stack(teacher_valids).any(-1).float()
-            return (per_sequence * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1)
-        return per_sequence
-    return compute
+def _teacher_golds(spec, teachers, teacher_labels, teacher_mask, labels, teacher_valids):
+    """Each teacher's (B, T') gold next-token ids for a label-aware weight measure (else None each).
+
+    A teacher's own ``teacher_labels``; a teacher with neither teacher_labels nor teacher_mask shares the
+    student's positions (as everywhere) and so takes the student's ``labels``.
+    """
+    measure = weighting.measure_of(spec, len(teachers))
+    if measure is None or not measure.needs_labels:
+        return [None] * len(teachers)
+    num = len(teachers)
+    golds = []
+    for i, (teacher, own, mask, valid) in enumerate(zip(teachers, _per_teacher(teacher_labels, "teacher_labels", num),
+                                                        _per_teacher(teacher_mask, "teacher_mask", num),
+                                                        teacher_valids)):
+        gold = own if own is not None else (labels if mask is None else None)
+        name = "teacher_labels" if num == 1 else f"teacher_labels[{i}]"
+        if gold is None:
+            raise ValueError(f"teacher_weights={spec!r} needs each teacher's gold next tokens: pass {name} (the "
+                             "teacher's own token ids, aligned with its logits) or, for a teacher that shares the "
+                             "student's positions and tokenizer, the student's labels")
+        if data_checks_enabled():
+            vocab = teacher.vocab_size if isinstance(teacher, TopKRecord) else teacher.shape[-1]
+            if bool((valid & ((gold < 0) | (gold >= vocab))).any()):  # host sync, like the record id check
+                raise ValueError(f"{name} (gold tokens for teacher_weights={spec!r}) must be in [0, {vocab}) at the "
+                                 "teacher's valid positions")
+        golds.append(gold)
+    return golds
+
+
+def _teacher_weighting(spec, teachers, teacher_labels, teacher_mask, labels, teacher_valids, *, k, temperature,
+                       weight_temperature):
+    """The :class:`~infigw.weighting.TeacherWeighting` of one loss call (resolves gold tokens for "nll")."""
+    golds = _teacher_golds(spec, teachers, teacher_labels, teacher_mask, labels, teacher_valids)
+    return weighting.TeacherWeighting(spec, teachers, teacher_valids, golds, k=k, temperature=temperature,
+                                      weight_temperature=weight_temperature)
+
+
+def _check_weight_options(teacher_weights, num_teachers, weight_temperature, weight_granularity):
+    weighting.measure_of(teacher_weights, num_teachers)
+    check_positive(weight_temperature, "weight_temperature")
+    check_choice(weight_granularity, "weight_granularity", weighting.GRANULARITIES)
+
+
+def _with_token_weights(components: dict, token_weights) -> dict:
+    """Add the (S, B, T) token weights to ``return_components`` at token granularity."""
+    return components if token_weights is None else {**components, "token_weights": token_weights}
+
+
+def _aligned_presence(valid, teacher_valids):
+    """(S, B, T) bool: student position has an aligned pair with teacher s."""
+    return torch.stack([weighting.student_presence(aligned_rows(valid, teacher_valid)[0], valid.shape)
+                        for teacher_valid in teacher_valids])
 
 
 def _reduce(per_graph: torch.Tensor, included: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -290,8 +332,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
              ignore_index: int = -100, k: int = 10, values: str = "logits", nodes: str = "vocab",
              graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
              distance: str = "l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
-             weight_temperature: float = 1.0, deterministic: bool = False, backend: str = "auto",
-             return_components: bool = False):
+             weight_temperature: float = 1.0, weight_granularity: str = "sequence", deterministic: bool = False,
+             backend: str = "auto", return_components: bool = False):
     """Graph-on-Logits Distillation loss (InfiGFusion) between a student and one or several teachers.
 
     Args:
@@ -302,10 +344,16 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
         k, values, nodes, graph_norm, scope: see :func:`coactivation_degrees`.
         num_nodes: keep the largest m degrees of each graph (None = all touched nodes).
         distance: "l1" (the paper's sorted-degree distance, default) or "gw1d" (1-D GW closed form).
-        teacher_weights: None (uniform), "uncertainty" (ours: softmax of -entropy / weight_temperature) or a
-            list of S numbers.
+        teacher_weights: None (uniform), S fixed numbers, or uncertainty weights (ours, see
+            :mod:`infigw.weighting`): ``softmax_s(-u_s / weight_temperature)`` with u the entropy of the teacher's
+            top-k renormalised distribution ("uncertainty", label-free) or the NLL of its gold next tokens
+            ("nll", label-aware: needs teacher_labels, or the student's labels for a teacher sharing its
+            positions). Detached.
+        weight_granularity: "sequence" (u averaged over each sequence) or "token" (softmax per aligned position,
+            then averaged over the sequence's aligned positions: one weight per graph).
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (see :mod:`infigw.dispatch`).
-        return_components: also return a dict with per-teacher terms, weights and inclusion masks.
+        return_components: also return a dict with per-teacher terms "gld" (S, G), "weights" (S, G) and
+            "included" (S, G); at token granularity also "token_weights" (S, B, T) on the student positions.
     Returns:
         The loss (scalar, or (G,) for reduction="none"); with ``return_components`` a ``(loss, dict)`` pair.
     """
@@ -315,19 +363,25 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_choice(distance, "distance", DISTANCES)
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_count(num_nodes, "num_nodes")
-    check_positive(weight_temperature, "weight_temperature")
+    _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
     valid = valid_positions(labels, mask, student_logits.shape[:2], ignore_index, "", student_logits)
     _check_teachers(teachers, student_logits.shape[0], k, student_logits, values, temperature)
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
+    weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
+                                 k=k, temperature=temperature, weight_temperature=weight_temperature)
     terms, included = _gld_terms(student_logits, valid, teachers, teacher_valids, k=k, values=values, nodes=nodes,
                                  graph_norm=graph_norm, scope=scope, num_nodes=num_nodes, distance=distance,
                                  temperature=temperature, deterministic=deterministic, backend=backend)
-
-    weights = weighting.teacher_weights(teacher_weights, included,
-                                        _entropies(teachers, teacher_valids, k, temperature, scope), weight_temperature)
+    if weight_granularity == "token":
+        present = _aligned_presence(valid, teacher_valids)
+        token_weights = weigher.per_position(present, valid)
+        weights = weighting.pooled_weights(token_weights, present, scope)
+    else:
+        token_weights, weights = None, weigher.per_graph(included, scope)
     loss = _reduce((weights * terms).sum(0), included.any(0), reduction)
     if return_components:
-        return loss, {"gld": terms.detach(), "weights": weights, "included": included}
+        components = {"gld": terms.detach(), "weights": weights, "included": included}
+        return loss, _with_token_weights(components, token_weights)
     return loss
 
 
@@ -351,24 +405,42 @@ def _record_uld_probs(record: TopKRecord, rows, temperature, top_k, standardized
 
 
 def _uld_terms(student_logits, valid, teachers, teacher_valids, *, temperature, top_k, standardized):
-    """Per-teacher, per-sequence mean ULD over aligned position pairs (S, B) and inclusion (S, B)."""
-    batch, vocab = student_logits.shape[0], student_logits.shape[-1]
+    """Per-teacher ULD of each aligned pair on the student positions (S, B, T) (0 where the student position has
+    no pair with that teacher) and the pairs' presence (S, B, T)."""
+    vocab = student_logits.shape[-1]
     student_rows = student_logits.reshape(-1, vocab)
-    terms, included = [], []
+    terms, present = [], []
     for teacher, teacher_valid in zip(teachers, teacher_valids):
-        s_rows, t_rows, sequence = aligned_rows(valid, teacher_valid)
+        s_rows, t_rows, _ = aligned_rows(valid, teacher_valid)
         p = _uld_probs(student_rows[s_rows], temperature, top_k, standardized)
         with torch.no_grad():
             if isinstance(teacher, TopKRecord):
                 q = _record_uld_probs(teacher, t_rows, temperature, top_k, standardized)
             else:
                 q = _uld_probs(teacher.detach().reshape(-1, teacher.shape[-1])[t_rows], temperature, top_k, standardized)
-        per_pair = sorted_prob_l1(p, q)
-        pairs = torch.bincount(sequence, minlength=batch)
-        summed = per_pair.new_zeros(batch).index_add(0, sequence, per_pair)
-        terms.append(summed / pairs.clamp_min(1))
-        included.append(pairs > 0)
-    return torch.stack(terms), torch.stack(included)
+        terms.append(weighting.to_student_positions(sorted_prob_l1(p, q), s_rows, valid.shape))
+        present.append(weighting.student_presence(s_rows, valid.shape))
+    return torch.stack(terms), torch.stack(present)
+
+
+def _weighted_uld(terms, present, weigher, granularity, valid):
+    """Weighted ULD per sequence (B,), the per-teacher mean ULD (S, B), its inclusion (S, B), the (S, B) weights and
+    the (S, B, T) token weights (None at sequence granularity).
+
+    Sequence granularity: ``sum_s w_{s,b} * mean_i ULD_{s,b,i}``. Token granularity (ours):
+    ``(1 / n_b) sum_t sum_s w_{s,b,t} ULD_{s,b,t}`` over the n_b student positions of b with at least one pair;
+    the reported (S, B) weights ``(1 / n_b) sum_t w_{s,b,t}`` are the teachers' shares of that sum.
+    """
+    pairs = present.sum(-1)
+    mean_terms = terms.sum(-1) / pairs.clamp_min(1)
+    included = pairs > 0
+    if granularity == "token":
+        token_weights = weigher.per_position(present, valid)
+        covered = present.any(0).sum(-1).clamp_min(1)
+        return ((token_weights * terms).sum((0, 2)) / covered, mean_terms, included,
+                weighting.pooled_weights(token_weights, present), token_weights)
+    weights = weigher.per_graph(included)
+    return (weights * mean_terms).sum(0), mean_terms, included, weights, None
 
 
 def _check_uld_options(student_logits, teachers, temperature, top_k, standardized):
@@ -385,7 +457,8 @@ def _check_uld_options(student_logits, teachers, temperature, top_k, standardize
 def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
              ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, reduction: str = "mean", teacher_weights=None,
-             weight_temperature: float = 1.0, weight_k: int = 10, return_components: bool = False):
+             weight_temperature: float = 1.0, weight_k: int = 10, weight_granularity: str = "sequence",
+             return_components: bool = False):
     """Universal Logit Distillation: sorted-probability L1 between aligned student/teacher positions.
 
     The i-th valid student position of a sequence pairs with the i-th valid teacher position (up to the
@@ -394,13 +467,21 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     of each side, optionally z-score them over the m entries (``standardize=True``), softmax over the m.
     Per sequence the pairs are averaged; ``reduction`` then acts over sequences as in :func:`gld_loss`.
     A TopKRecord teacher gives exact kept probabilities with its logsumexp (the rest count as 0), else
-    probabilities renormalised over its kept entries. ``teacher_weights``: as in :func:`gld_loss`
-    (entropies from the teachers' top-``weight_k`` logits).
+    probabilities renormalised over its kept entries.
+
+    Several teachers: ``teacher_weights`` as in :func:`gld_loss` ("uncertainty" entropies from the teachers'
+    top-``weight_k`` logits). ``weight_granularity="sequence"``: ``L_b = sum_s w_{s,b} * mean_i ULD_{s,b,i}``;
+    ``"token"`` (ours): one softmax over the teachers per aligned student position t,
+    ``L_b = (1 / n_b) sum_t sum_s w_{s,b,t} ULD_{s,b,t}`` over the n_b student positions with at least one pair
+    (equal to the sequence form when every teacher pairs with every position and the weights are uniform).
+    ``return_components``: also a dict with "uld" (S, B) per-teacher means, "weights" (S, B) (at token level the
+    teachers' shares ``(1 / n_b) sum_t w_{s,b,t}``), "included" (S, B) and, at token level, "token_weights"
+    (S, B, T) on the student positions (0 where a teacher has no pair).
     """
     check_logits(student_logits, "student_logits")
     teachers = as_teacher_list(teacher_logits)
     check_choice(reduction, "reduction", REDUCTIONS)
-    check_positive(weight_temperature, "weight_temperature")
+    _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
     _check_uld_options(student_logits, teachers, temperature, top_k, standardize)
     valid = valid_positions(labels, mask, student_logits.shape[:2], ignore_index, "", student_logits)
     for i, teacher in enumerate(teachers):
@@ -411,13 +492,16 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
             check_logits(teacher, name)
             check_same_device(student_logits, teacher, name, "student_logits")
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
-    terms, included = _uld_terms(student_logits, valid, teachers, teacher_valids, temperature=temperature,
-                                 top_k=top_k, standardized=standardize)
-    weights = weighting.teacher_weights(teacher_weights, included,
-                                        _entropies(teachers, teacher_valids, weight_k, temperature), weight_temperature)
-    loss = _reduce((weights * terms).sum(0), included.any(0), reduction)
+    weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
+                                 k=weight_k, temperature=temperature, weight_temperature=weight_temperature)
+    terms, present = _uld_terms(student_logits, valid, teachers, teacher_valids, temperature=temperature,
+                                top_k=top_k, standardized=standardize)
+    per_sequence, mean_terms, included, weights, token_weights = _weighted_uld(terms, present, weigher,
+                                                                               weight_granularity, valid)
+    loss = _reduce(per_sequence, included.any(0), reduction)
     if return_components:
-        return loss, {"uld": terms.detach(), "weights": weights, "included": included}
+        components = {"uld": mean_terms.detach(), "weights": weights, "included": included}
+        return loss, _with_token_weights(components, token_weights)
     return loss
 
 
@@ -427,14 +511,18 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
                      values: str = "logits", nodes: str = "vocab", graph_norm: str = "mean",
                      num_nodes: Optional[int] = None, distance: str = "l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, teacher_weights=None,
-                     weight_temperature: float = 1.0, reduction: str = "mean", deterministic: bool = False,
-                     backend: str = "auto", return_components: bool = False):
+                     weight_temperature: float = 1.0, weight_granularity: str = "sequence", reduction: str = "mean",
+                     deterministic: bool = False, backend: str = "auto", return_components: bool = False):
     """The InfiGFusion objective ``(1 - lam) * CE + lam * sum_s w_s * (ULD_s + gamma * GLD_s)``.
 
     Defaults lam = 0.5, gamma = 1 are ours (only the (1 - lam) * L_SFT part is confirmed by the paper's figure).
     CE is the student's token-level cross-entropy on ``labels`` (aligned with the logits; mean over valid tokens
     for "mean"/"none"-per-sequence, sum for "sum"). The distillation part is per sequence (graph scope
-    "sequence"); teacher weights are computed once and shared by ULD and GLD.
+    "sequence"). Teacher weights (``teacher_weights``, ``weight_temperature``: see :func:`gld_loss`; "uncertainty"
+    entropies from the top-``k`` logits) at ``weight_granularity="sequence"`` are one (S, B) set shared by ULD
+    and GLD; at ``"token"`` ULD uses the per-position weights (as in :func:`uld_loss`) and GLD their per-sequence
+    averages (as in :func:`gld_loss`). ``return_components``: also "ce", "uld" (S, B), "gld" (S, B),
+    "weights" (S, B), "included" (S, B) and, at token level, "token_weights" (S, B, T).
     """
     check_logits(student_logits, "student_logits")
     if labels is None:
@@ -449,26 +537,28 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     check_choice(distance, "distance", DISTANCES)
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_count(num_nodes, "num_nodes")
-    check_positive(weight_temperature, "weight_temperature")
+    _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
     _check_uld_options(student_logits, teachers, temperature, uld_top_k, standardize)
     valid = valid_positions(labels, None, student_logits.shape[:2], ignore_index, "", student_logits)
     _check_teachers(teachers, student_logits.shape[0], k, student_logits, values, temperature)
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
+    weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
+                                 k=k, temperature=temperature, weight_temperature=weight_temperature)
 
     batch, length, vocab = student_logits.shape
     token_ce = torch.nn.functional.cross_entropy(
         student_logits.reshape(-1, vocab).to(compute_dtype(student_logits.dtype)), labels.reshape(-1).long(), ignore_index=ignore_index,
         reduction="none").view(batch, length)
-    uld_terms, uld_included = _uld_terms(student_logits, valid, teachers, teacher_valids, temperature=temperature,
-                                         top_k=uld_top_k, standardized=standardize)
+    uld_pairs, present = _uld_terms(student_logits, valid, teachers, teacher_valids, temperature=temperature,
+                                    top_k=uld_top_k, standardized=standardize)
+    uld, uld_terms, uld_included, weights, token_weights = _weighted_uld(uld_pairs, present, weigher,
+                                                                         weight_granularity, valid)
     gld_terms, gld_included = _gld_terms(student_logits, valid, teachers, teacher_valids, k=k, values=values,
                                          nodes=nodes, graph_norm=graph_norm, scope="sequence", num_nodes=num_nodes,
                                          distance=distance, temperature=temperature, deterministic=deterministic,
                                          backend=backend)
-    included = uld_included | gld_included
-    weights = weighting.teacher_weights(teacher_weights, included,
-                                        _entropies(teachers, teacher_valids, k, temperature), weight_temperature)
-    distill = (weights * (uld_terms + gamma * gld_terms)).sum(0)
+    included = uld_included | gld_included  # the same sets: both need valid positions on both sides
+    distill = uld + gamma * (weights * gld_terms).sum(0)
     tokens = valid.sum(-1)
     if reduction == "none":
         ce = token_ce.sum(-1) / tokens.clamp_min(1)
@@ -480,6 +570,7 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
         ce = token_ce.sum() / tokens.sum().clamp_min(1)
         loss = (1 - lam) * ce + lam * _reduce(distill, included.any(0), "mean")
     if return_components:
-        return loss, {"ce": ce.detach(), "uld": uld_terms.detach(), "gld": gld_terms.detach(), "weights": weights,
+        components = {"ce": ce.detach(), "uld": uld_terms.detach(), "gld": gld_terms.detach(), "weights": weights,
                       "included": included}
+        return loss, _with_token_weights(components, token_weights)
     return loss

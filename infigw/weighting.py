@@ -1,56 +1,210 @@
-"""Weights of several teachers per sequence (GLD.md section 5).
+"""Weights of several teachers, per sequence or per aligned position (GLD.md sections 5 and 7).
 
-``None``: uniform over the teachers that have valid positions in the sequence. A fixed sequence of S numbers:
-used as given (a teacher with no valid position in a sequence gets 0 there). ``"uncertainty"`` (InfiFusion's
-idea, formula ours): w_{s,b} = softmax_s(-H_{s,b} / tau_w) over the teachers present in sequence b, with
-H_{s,b} the mean entropy of teacher s's top-k renormalised next-token distribution over b's valid positions.
-Weights are always detached.
+Specs (``teacher_weights=``):
+
+- ``None``: uniform over the teachers present (at the sequence, or at the position).
+- S fixed numbers: used as given (a teacher absent from a sequence/position gets 0 there).
+- ``"uncertainty"`` (label-free) or ``"nll"`` (label-aware): InfiFusion's uncertainty-based source weights; the
+  paper's formula was not available, so these are **ours**:
+  ``w_s = softmax_s(-u_s / tau_w)`` over the present teachers, with ``u_s`` the teacher's per-position
+  uncertainty (see :data:`MEASURES`):
+
+  - ``"uncertainty"``: entropy of the teacher's top-k renormalised next-token distribution
+    ``softmax(top-k logits / T)``;
+  - ``"nll"``: ``-log p_s(gold)`` of the teacher's own gold next token (its ``teacher_labels``) under
+    ``softmax(logits / T)`` (a TopKRecord: see :func:`position_nll`).
+
+Granularity (``weight_granularity=``):
+
+- ``"sequence"``: ``u_{s,b}`` = mean of ``u_s`` over teacher s's valid positions of sequence b; one weight per
+  teacher and sequence (graph scope "batch": the mean of the per-sequence means over the sequences where the
+  teacher has valid positions).
+- ``"token"``: ``u_s`` is read at the aligned pairs (the i-th valid student position pairs with the i-th valid
+  position of each teacher), the softmax runs over the teachers that have a pair at that student position.
+  Where one weight per sequence is needed (GLD: one graph per sequence), the token weights are averaged over
+  the sequence's covered student positions (those with at least one pair): the result still sums to 1 over the
+  teachers, and a teacher that covers fewer positions (a shorter tokenisation) gets proportionally less.
+
+Weights are always detached. New measures can be added to :data:`MEASURES` (same signature) and are then
+accepted as ``teacher_weights`` names.
 """
-from typing import Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .ops.common import compute_dtype
+from .reference import aligned_rows
 from .teacher import TopKRecord
 
 WeightSpec = Union[None, str, Sequence[float], torch.Tensor]
+GRANULARITIES = ("sequence", "token")
 
 
-def topk_entropy(teacher, valid: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
-    """Mean over each sequence's valid positions of the entropy of softmax(top-k logits / T): (B,) f32.
+def _kept_logits(teacher) -> torch.Tensor:
+    return teacher.values if isinstance(teacher, TopKRecord) else teacher
+
+
+def position_entropy(teacher, gold: Optional[torch.Tensor], k: int, temperature: float) -> torch.Tensor:
+    """(B, T') entropy of ``softmax(top-k logits / T)`` at every teacher position (``gold`` unused).
 
     Args:
-        teacher: dense logits (B, T', V_t) or a TopKRecord; valid: (B, T') bool.
+        teacher: dense logits (B, T', V_t) or a TopKRecord (its k_t kept logits; k is capped at k_t).
     """
     with torch.no_grad():
-        logits = teacher.values if isinstance(teacher, TopKRecord) else teacher
-        top = torch.topk(logits.float(), k, dim=-1).values / temperature
-        log_q = torch.log_softmax(top, dim=-1)
-        entropy = -(log_q.exp() * log_q).sum(-1)
-        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-        return entropy.sum(-1) / valid.sum(-1).clamp_min(1)
+        logits = _kept_logits(teacher)
+        top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values  # selection in the input dtype
+        log_q = torch.log_softmax(top.to(compute_dtype(top.dtype)) / temperature, dim=-1)
+        return -(log_q.exp() * log_q).sum(-1)
 
 
-def teacher_weights(spec: WeightSpec, included: torch.Tensor, entropy_fn=None, temperature: float = 1.0):
-    """(S, G) detached weights for the per-teacher terms.
+def position_nll(teacher, gold: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """(B, T') ``-log p(gold)`` under the teacher's ``softmax(logits / T)`` (``k`` unused).
+
+    Dense logits: exact, full vocabulary. TopKRecord: the kept logits, normalised by the record's logsumexp
+    when present (exact), else renormalised over the kept entries. A gold token outside the kept ids has an
+    unknown probability, bounded above by the smallest kept probability (the kept ids are the top k) and,
+    with the logsumexp, by the mass left outside the kept entries; its NLL is ``-log`` of that bound (ours:
+    a lower bound on the true NLL, so such a teacher never looks more confident than when its least likely
+    kept token is the gold one). Values at positions where ``gold`` is not a valid id are meaningless.
+    """
+    with torch.no_grad():
+        logits = _kept_logits(teacher)
+        scaled = logits.to(compute_dtype(logits.dtype)) / temperature
+        gold = gold.long()
+        if not isinstance(teacher, TopKRecord):
+            picked = scaled.gather(-1, gold.clamp(0, scaled.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+            return torch.logsumexp(scaled, dim=-1) - picked
+        if teacher.logsumexp is None:
+            log_p = torch.log_softmax(scaled, dim=-1)
+            bound = log_p.min(-1).values
+        else:
+            log_p = scaled - teacher.logsumexp.to(scaled.dtype).unsqueeze(-1)
+            left = (1 - log_p.exp().sum(-1)).clamp_min(torch.finfo(scaled.dtype).tiny).log()
+            bound = torch.minimum(log_p.min(-1).values, left)
+        hit = teacher.indices.long() == gold.unsqueeze(-1)
+        found = torch.where(hit, log_p, torch.full_like(log_p, float("-inf"))).max(-1).values
+        return -torch.where(hit.any(-1), found, bound)
+
+
+class Measure(NamedTuple):
+    """A per-position uncertainty ``fn(teacher, gold, k, temperature) -> (B, T')`` (higher = less trusted)."""
+    fn: Callable
+    needs_labels: bool
+
+
+MEASURES = {
+    "uncertainty": Measure(position_entropy, needs_labels=False),
+    "nll": Measure(position_nll, needs_labels=True),
+}
+
+
+def measure_of(spec: WeightSpec, num_teachers: int) -> Optional[Measure]:
+    """Validate ``spec``; the uncertainty measure it names, or None for None / fixed weights."""
+    expected = f"teacher_weights must be None, one of {tuple(MEASURES)} or {num_teachers} numbers, got {spec!r}"
+    if isinstance(spec, str):
+        if spec not in MEASURES:
+            raise ValueError(expected)
+        return MEASURES[spec]
+    if spec is not None:
+        try:
+            fixed = torch.as_tensor(spec, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(expected) from error
+        if fixed.dim() != 1 or fixed.numel() != num_teachers:
+            raise ValueError(f"teacher_weights must hold one number per teacher ({num_teachers}), got shape "
+                             f"{tuple(fixed.shape)}")
+        if not torch.isfinite(fixed).all():
+            raise ValueError("teacher_weights must be finite numbers")
+    return None
+
+
+def sequence_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T') values, (B, T') bool -> (B,) mean over each sequence's valid positions (0 when none)."""
+    kept = torch.where(valid, per_position, torch.zeros_like(per_position))
+    return kept.sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def to_student_positions(pair_values: torch.Tensor, student_rows: torch.Tensor, shape) -> torch.Tensor:
+    """Per aligned pair values (P,) -> ``shape`` (B, T) on the student grid, 0 (False) where there is no pair."""
+    flat = pair_values.new_zeros(torch.Size(shape).numel())
+    return flat.index_copy(0, student_rows, pair_values).view(shape)
+
+
+def student_presence(student_rows: torch.Tensor, shape) -> torch.Tensor:
+    """``shape`` (B, T) bool: the student position has an aligned pair (its flat row is in ``student_rows``)."""
+    return to_student_positions(torch.ones_like(student_rows, dtype=torch.bool), student_rows, shape)
+
+
+def aligned_uncertainty(per_position: torch.Tensor, student_valid: torch.Tensor, teacher_valid: torch.Tensor):
+    """A teacher's (B, T') per-position values read at the aligned pairs -> (B, T) on the student grid."""
+    student_rows, teacher_rows, _ = aligned_rows(student_valid, teacher_valid)
+    return to_student_positions(per_position.reshape(-1)[teacher_rows], student_rows, student_valid.shape)
+
+
+def pooled_weights(token_weights: torch.Tensor, present: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
+    """(S, B, T) token weights -> (S, G) mean over the covered student positions of each graph."""
+    covered = present.any(0)
+    if scope == "batch":
+        return token_weights.sum((1, 2)).unsqueeze(-1) / covered.sum().clamp_min(1)
+    return token_weights.sum(-1) / covered.sum(-1).clamp_min(1)
+
+
+def teacher_weights(spec: WeightSpec, included: torch.Tensor, uncertainty_fn=None, temperature: float = 1.0):
+    """(S, ...) detached weights, one per teacher and sequence (S, G) or aligned student position (S, B, T).
 
     Args:
-        spec: None, "uncertainty", or S fixed weights.
-        included: (S, G) bool, teacher s has valid positions in graph g (and so does the student).
-        entropy_fn: called as ``entropy_fn()`` -> (S, G) mean top-k entropies; only for "uncertainty".
+        spec: None, a name in :data:`MEASURES`, or S fixed weights.
+        included: (S, ...) bool, the teacher is present there (and so is the student).
+        uncertainty_fn: called as ``uncertainty_fn()`` -> (S, ...) uncertainties; only for a named measure.
+        temperature: tau_w of the softmax over teachers.
     """
     num_teachers = included.shape[0]
     present = included.float()
-    if spec is None:
-        return present / present.sum(0, keepdim=True).clamp_min(1)
-    if isinstance(spec, str):
-        if spec != "uncertainty":
-            raise ValueError(f"teacher_weights must be None, 'uncertainty' or {num_teachers} numbers, got {spec!r}")
-        scores = (-entropy_fn() / temperature).masked_fill(~included, float("-inf"))
+    if measure_of(spec, num_teachers) is not None:
+        scores = (-uncertainty_fn() / temperature).masked_fill(~included, float("-inf"))
         weights = torch.softmax(scores, dim=0)
         return torch.where(included, weights, torch.zeros_like(weights)).detach()
+    if spec is None:
+        return present / present.sum(0, keepdim=True).clamp_min(1)
     fixed = torch.as_tensor(spec, dtype=torch.float32, device=included.device).detach()
-    if fixed.dim() != 1 or fixed.numel() != num_teachers:
-        raise ValueError(f"teacher_weights must hold one number per teacher ({num_teachers}), got shape {tuple(fixed.shape)}")
-    if not torch.isfinite(fixed).all():
-        raise ValueError("teacher_weights must be finite numbers")
-    return fixed.unsqueeze(-1) * present
+    return fixed.view(-1, *([1] * (included.dim() - 1))) * present
+
+
+class TeacherWeighting:
+    """The weight inputs of one loss call; computes (S, G) per-graph or (S, B, T) per-position weights.
+
+    Args:
+        spec: as :func:`teacher_weights`. teachers / teacher_valids: the S teachers and their (B, T') valid
+            positions. golds: each teacher's (B, T') gold next-token ids, or None (label-free measures).
+        k: top-k of the entropy measure. temperature: the loss temperature T of the teachers' softmax.
+        weight_temperature: tau_w.
+    """
+
+    def __init__(self, spec: WeightSpec, teachers, teacher_valids, golds, *, k: int, temperature: float,
+                 weight_temperature: float):
+        self.spec = spec
+        self.measure = measure_of(spec, len(teachers))
+        self.teachers, self.teacher_valids, self.golds = teachers, teacher_valids, golds
+        self.k, self.temperature, self.weight_temperature = k, temperature, weight_temperature
+
+    def _uncertainties(self):
+        return [self.measure.fn(teacher, gold, self.k, self.temperature)
+                for teacher, gold in zip(self.teachers, self.golds)]
+
+    def per_graph(self, included: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
+        """(S, G) weights from the teachers' mean uncertainty over each sequence's valid positions."""
+        def uncertainty():
+            per_sequence = torch.stack([sequence_mean(u, valid)
+                                        for u, valid in zip(self._uncertainties(), self.teacher_valids)])
+            if scope == "batch":  # one graph: the mean over the sequences that have valid positions
+                present = torch.stack([valid.any(-1) for valid in self.teacher_valids]).to(per_sequence.dtype)
+                return (per_sequence * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1)
+            return per_sequence
+        return teacher_weights(self.spec, included, uncertainty, self.weight_temperature)
+
+    def per_position(self, present: torch.Tensor, student_valid: torch.Tensor) -> torch.Tensor:
+        """(S, B, T) weights at the aligned student positions; ``present`` (S, B, T) marks the pairs."""
+        def uncertainty():
+            return torch.stack([aligned_uncertainty(u, student_valid, v)
+                                for u, v in zip(self._uncertainties(), self.teacher_valids)])
+        return teacher_weights(self.spec, present, uncertainty, self.weight_temperature)

@@ -1,12 +1,14 @@
 """Input validation for the public entry points: every error names the argument and what was expected.
 
-Shape, dtype, device and option checks read only metadata. The one data-dependent check (the vocabulary range
-of a :class:`~infigw.TopKRecord`'s indices) costs a device-to-host sync; turn it off for sync-free training
-loops with ``INFIGW_DATA_CHECKS=0`` (out-of-range ids are then undefined behaviour).
+Shape, dtype, device and option checks read only metadata. The data-dependent checks (the vocabulary range of
+a :class:`~infigw.TopKRecord`'s indices, of gold tokens for ``teacher_weights="nll"`` and of the labels of the
+cross-entropy) each cost a device-to-host sync; turn them off with ``INFIGW_DATA_CHECKS=0`` (out-of-range ids are
+then undefined behaviour). ULD's pairing of valid positions also syncs (it gathers the valid rows).
 
-Non-finite logits are not scanned for (that would be an extra pass over B*T*V). They never give a silently
-finite loss: NaN ranks above every number in the top-k selection, so a NaN in a valid row is always kept and
-the loss becomes NaN; kept +-inf values make it non-finite too.
+Non-finite logits are not scanned for (that would be an extra pass over B*T*V). NaN ranks above every number in
+the top-k selection, so a NaN in a valid row is always kept and the loss becomes NaN, never a silently finite
+value. ``-inf`` logits are allowed (e.g. padded vocabulary): they are kept only when a row has fewer than k
+finite entries, and then give NaN with ``values="logits"`` and probability 0 with the probability values.
 """
 import math
 import os
@@ -34,7 +36,8 @@ def check_logits(logits, name: str, ndim: int = 3) -> torch.Tensor:
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {logits.dtype}")
     if logits.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions (batch, positions, vocab), got shape {tuple(logits.shape)}")
+        layout = " (batch, positions, vocab)" if ndim == 3 else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{layout}, got shape {tuple(logits.shape)}")
     if logits.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(logits.shape)}")
     return logits
@@ -65,12 +68,23 @@ def check_positive(value, name: str) -> float:
     return float(value)
 
 
-def check_optional_count(value, name: str) -> Optional[int]:
-    if value is None:
-        return None
+def check_count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def check_optional_count(value, name: str) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
     return value
+
+
+def check_number(value, name: str, low: float = 0.0) -> float:
+    """A finite number >= low."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+    return float(value)
 
 
 def check_same_device(reference: torch.Tensor, tensor: torch.Tensor, name: str, reference_name: str) -> None:
@@ -94,14 +108,16 @@ def valid_positions(labels, mask, shape, ignore_index: int, name: str, reference
     if kind == "labels":
         if given.dtype.is_floating_point or given.dtype == torch.bool:
             raise TypeError(f"{full_name} must be an integer tensor, got {given.dtype}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         return given != ignore_index
     if given.dtype.is_floating_point:
         raise TypeError(f"{full_name} must be bool or integer 0/1, got {given.dtype}")
     return given.bool()
 
 
-def check_record(record, batch: int, k: int, name: str, reference: torch.Tensor) -> None:
-    """Shapes, dtypes, device and index range of a TopKRecord."""
+def check_record(record, batch: int, k: int, name: str, reference: torch.Tensor, temperature: float) -> None:
+    """Shapes, dtypes, device and index range of a TopKRecord, and the temperature of its logsumexp."""
     values, indices = record.values, record.indices
     if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name}.values and {name}.indices must be tensors")
@@ -126,6 +142,12 @@ def check_record(record, batch: int, k: int, name: str, reference: torch.Tensor)
         lse = record.logsumexp
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(values.shape[:2]):
             raise ValueError(f"{name}.logsumexp must be a tensor of shape {tuple(values.shape[:2])}")
+        if lse.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.logsumexp must be a floating tensor, got {lse.dtype}")
+        if record.temperature != temperature:
+            raise ValueError(f"{name}.logsumexp was taken at temperature {record.temperature} but the loss uses "
+                             f"temperature {temperature}: record it at the loss temperature (TopKRecord.from_logits"
+                             "(..., temperature=...)) or drop the logsumexp")
         check_same_device(reference, lse, f"{name}.logsumexp", "the student logits")
     if data_checks_enabled():
         low, high = torch.aminmax(indices)

@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .checks import (check_choice, check_k, check_logits, check_optional_count, check_points, check_positive,
-                     check_record, check_same_device, data_checks_enabled, valid_positions)
+from .checks import (check_choice, check_count, check_k, check_logits, check_number, check_optional_count,
+                     check_points, check_positive, check_record, check_same_device, data_checks_enabled,
+                     valid_positions)
 from .ops.common import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
-from .reference import (aligned_rows, degrees_from_kept, pad_to, select_topk, sort_compress, sorted_prob_l1,
-                        standardize, transform_values)
+from .reference import (aligned_rows, degrees_from_kept, pad_to, row_logsumexp, select_topk, sort_compress,
+                        sorted_prob_l1, standardize, transform_values)
 from .teacher import TopKRecord, as_teacher_list
 from . import weighting
 
@@ -61,6 +62,8 @@ def _check_graph_options(k, vocab, values, nodes, graph_norm, scope, temperature
 
 def _per_teacher(given, name, num):
     """None, one tensor (one teacher) or a list of S entries -> a list of S entries."""
+    if not (given is None or isinstance(given, (torch.Tensor, list, tuple))):
+        raise TypeError(f"{name} must be None, a tensor or a list with one entry per teacher, got {type(given).__name__}")
     if given is None or isinstance(given, torch.Tensor):
         if isinstance(given, torch.Tensor) and num > 1:
             raise ValueError(f"{name} must be a list with one entry per teacher ({num}) when there are several teachers")
@@ -94,11 +97,11 @@ def _teacher_valid_list(teachers, teacher_labels, teacher_mask, student_valid, i
     return valids
 
 
-def _check_teachers(teachers, batch, k, student, values, temperature):
+def _check_teachers(teachers, batch, k, student, temperature):
     for i, teacher in enumerate(teachers):
         name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
         if isinstance(teacher, TopKRecord):
-            check_record(teacher, batch, k, name, student)
+            check_record(teacher, batch, k, name, student, temperature)
         else:
             check_logits(teacher, name)
             check_same_device(student, teacher, name, "student_logits")
@@ -111,12 +114,17 @@ def _record_kept(record: TopKRecord, k: int, values: str, temperature: float):
     ids = record.indices.long().gather(-1, by_id)
     kept, position = select_topk(record.values.gather(-1, by_id), k)
     kept_ids = ids.gather(-1, position)
-    if values == "probs" and record.logsumexp is not None:
-        node_values = torch.exp(kept.to(compute_dtype(kept.dtype)) / temperature
-                                - record.logsumexp.to(compute_dtype(kept.dtype)).unsqueeze(-1))
-    else:  # without the full logsumexp, probabilities are renormalised over the kept entries
-        node_values = transform_values(kept, "topk_probs" if values == "probs" else values, temperature)
+    row_lse = _record_logsumexp(record, temperature) if values == "probs" else None
+    node_values = transform_values(kept, values, temperature, row_lse)
     return node_values.reshape(-1, k), kept_ids.reshape(-1, k)
+
+
+def _record_logsumexp(record: TopKRecord, temperature: float):
+    """(B, T') full-vocabulary logsumexp of logits / T: the stored one, else that of the k_t stored entries
+    (probabilities are then renormalised over what the record holds)."""
+    if record.logsumexp is not None:
+        return record.logsumexp.to(compute_dtype(record.values.dtype))
+    return row_logsumexp(record.values, temperature)
 
 
 def _degrees(logits, valid, *, k, values, nodes, graph_norm, scope, temperature, deterministic, backend):
@@ -258,8 +266,14 @@ def coactivation_graph(logits, labels=None, *, mask=None, ignore_index: int = -1
 def sorted_degrees(degrees: torch.Tensor, touched: torch.Tensor, num_nodes: Optional[int] = None):
     """Sort/compress: descending degrees of the touched nodes, truncated to ``num_nodes``, zero-padded.
 
+    Args:
+        degrees: (G, M) floating; touched: (G, M) bool (as returned by :func:`coactivation_degrees`).
     Returns ``(sorted (G, L) f32, counts (G,) int64)``.
     """
+    check_logits(degrees, "degrees", ndim=2)
+    if not isinstance(touched, torch.Tensor) or touched.dtype != torch.bool or touched.shape != degrees.shape:
+        raise ValueError(f"touched must be a bool tensor of the degrees' shape {tuple(degrees.shape)}")
+    check_same_device(degrees, touched, "touched", "degrees")
     check_optional_count(num_nodes, "num_nodes")
     return sort_compress(degrees, touched, num_nodes)
 
@@ -273,7 +287,7 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
         x, y: (..., n) floating point sets (any order). lengths: optional (...) int: only the first
             ``lengths`` points of each set count (the sets are taken as given, then sorted).
     Returns:
-        (...) f32: (1/n^2) * min(cost(x, y sorted alike), cost(x, y sorted oppositely)).
+        (...) f32 (f64 for f64 input): (1/n^2) * min(cost(x, y sorted alike), cost(x, y sorted oppositely)).
     """
     for tensor, name in ((x, "x"), (y, "y")):
         check_points(tensor, name)
@@ -281,7 +295,8 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
         raise ValueError(f"x and y must have the same shape (..., n), got {tuple(x.shape)} and {tuple(y.shape)}")
     check_same_device(x, y, "y", "x")
     batch_shape, width = x.shape[:-1], x.shape[-1]
-    flat_x, flat_y = x.reshape(-1, width), y.reshape(-1, width)
+    dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
+    flat_x, flat_y = x.reshape(-1, width).to(dtype), y.reshape(-1, width).to(dtype)
     if lengths is None:
         lengths = torch.full((flat_x.shape[0],), width, dtype=torch.long, device=x.device)
     else:
@@ -316,8 +331,8 @@ def _gld_terms(student_logits, valid, teachers, teacher_valids, *, k, values, no
     for teacher, teacher_valid in zip(teachers, teacher_valids):
         result, teacher_rows, _ = _teacher_degrees(teacher, teacher_valid, **options)
         g, g_counts = sort_compress(result.degrees, result.touched, num_nodes)
-        width = max(f.shape[-1], g.shape[-1])
-        f_pad, g_pad = pad_to(f, width), pad_to(g, width)
+        width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
+        f_pad, g_pad = pad_to(f, width).to(dtype), pad_to(g, width).to(dtype)
         if distance == "l1":
             term = implementation(f_pad, g_pad)
         else:
@@ -365,7 +380,7 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_optional_count(num_nodes, "num_nodes")
     _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
     valid = valid_positions(labels, mask, student_logits.shape[:2], ignore_index, "", student_logits)
-    _check_teachers(teachers, student_logits.shape[0], k, student_logits, values, temperature)
+    _check_teachers(teachers, student_logits.shape[0], k, student_logits, temperature)
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
     weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
                                  k=k, temperature=temperature, weight_temperature=weight_temperature)
@@ -398,9 +413,8 @@ def _uld_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int], s
 
 def _record_uld_probs(record: TopKRecord, rows, temperature, top_k, standardized):
     values = record.values.reshape(-1, record.values.shape[-1])[rows]
-    if top_k is None and record.logsumexp is not None:  # exact probabilities of the kept entries
-        dtype = compute_dtype(values.dtype)
-        return torch.exp(values.to(dtype) / temperature - record.logsumexp.reshape(-1)[rows].to(dtype).unsqueeze(-1))
+    if top_k is None:  # probabilities of the stored entries (exact with the record's logsumexp)
+        return transform_values(values, "probs", temperature, _record_logsumexp(record, temperature).reshape(-1)[rows])
     return _uld_probs(values, temperature, top_k, standardized)
 
 
@@ -482,15 +496,10 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     teachers = as_teacher_list(teacher_logits)
     check_choice(reduction, "reduction", REDUCTIONS)
     _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
+    check_count(weight_k, "weight_k")
+    _check_teachers(teachers, student_logits.shape[0], 1, student_logits, temperature)
     _check_uld_options(student_logits, teachers, temperature, top_k, standardize)
     valid = valid_positions(labels, mask, student_logits.shape[:2], ignore_index, "", student_logits)
-    for i, teacher in enumerate(teachers):
-        name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
-        if isinstance(teacher, TopKRecord):
-            check_record(teacher, student_logits.shape[0], 1, name, student_logits)
-        else:
-            check_logits(teacher, name)
-            check_same_device(student_logits, teacher, name, "student_logits")
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
     weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
                                  k=weight_k, temperature=temperature, weight_temperature=weight_temperature)
@@ -527,9 +536,8 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     check_logits(student_logits, "student_logits")
     if labels is None:
         raise ValueError("labels (B, T) are required: they define the cross-entropy target and the valid positions")
-    for value, name in ((lam, "lam"), (gamma, "gamma")):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    check_number(lam, "lam")
+    check_number(gamma, "gamma")
     if lam > 1:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     teachers = as_teacher_list(teacher_logits)
@@ -540,15 +548,20 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     _check_weight_options(teacher_weights, len(teachers), weight_temperature, weight_granularity)
     _check_uld_options(student_logits, teachers, temperature, uld_top_k, standardize)
     valid = valid_positions(labels, None, student_logits.shape[:2], ignore_index, "", student_logits)
-    _check_teachers(teachers, student_logits.shape[0], k, student_logits, values, temperature)
+    _check_teachers(teachers, student_logits.shape[0], k, student_logits, temperature)
     teacher_valids = _teacher_valid_list(teachers, teacher_labels, teacher_mask, valid, ignore_index, student_logits)
     weigher = _teacher_weighting(teacher_weights, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
                                  k=k, temperature=temperature, weight_temperature=weight_temperature)
 
     batch, length, vocab = student_logits.shape
+    if data_checks_enabled() and bool((valid & ((labels < 0) | (labels >= vocab))).any()):  # host sync
+        raise ValueError(f"labels must be in [0, {vocab}) (the student vocabulary) or ignore_index={ignore_index}")
+    # masked rows are zeroed first so that -inf/NaN logits there (padding) give no NaN gradient
+    ce_logits = torch.where(valid.unsqueeze(-1), student_logits, torch.zeros((), dtype=student_logits.dtype,
+                                                                             device=student_logits.device))
     token_ce = torch.nn.functional.cross_entropy(
-        student_logits.reshape(-1, vocab).to(compute_dtype(student_logits.dtype)), labels.reshape(-1).long(), ignore_index=ignore_index,
-        reduction="none").view(batch, length)
+        ce_logits.reshape(-1, vocab).to(compute_dtype(student_logits.dtype)), labels.reshape(-1).long(),
+        ignore_index=ignore_index, reduction="none").view(batch, length)
     uld_pairs, present = _uld_terms(student_logits, valid, teachers, teacher_valids, temperature=temperature,
                                     top_k=uld_top_k, standardized=standardize)
     uld, uld_terms, uld_included, weights, token_weights = _weighted_uld(uld_pairs, present, weigher,

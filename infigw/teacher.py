@@ -4,6 +4,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checks import check_k, check_logits
+from .reference import row_logsumexp, select_topk
+
 
 @dataclass(frozen=True)
 class TopKRecord:
@@ -13,15 +16,17 @@ class TopKRecord:
         values: (B, T', k_t) floating: the teacher's top-k logits (any order).
         indices: (B, T', k_t) integer: their vocabulary ids, each in [0, vocab_size).
         vocab_size: size V_t of the teacher's vocabulary.
-        logsumexp: optional (B, T') floating: logsumexp over the *full* vocabulary of logits / temperature
-            (at the temperature the loss uses). With it, ``values="probs"`` nodes are exact probabilities;
-            without it, probabilities are renormalised over the kept entries.
+        logsumexp: optional (B, T') floating: logsumexp over the *full* vocabulary of logits / ``temperature``.
+            With it, probability-valued nodes are exact probabilities; without it, probabilities are renormalised
+            over the k_t stored entries.
+        temperature: the temperature the logsumexp was taken at; a loss at another temperature rejects the record.
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     vocab_size: int
     logsumexp: Optional[torch.Tensor] = None
+    temperature: float = 1.0
 
     @property
     def shape(self):
@@ -33,11 +38,14 @@ class TopKRecord:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0, with_logsumexp: bool = True):
-        """Record the top-k of dense teacher logits (B, T', V_t), e.g. to store them offline."""
+        """Record the top-k of dense teacher logits (B, T', V_t) with the contract's tie rule, e.g. to store them
+        offline; ``with_logsumexp`` also stores logsumexp(logits / temperature)."""
+        check_logits(logits, "logits")
+        check_k(k, logits.shape[-1], "k", "teacher vocabulary")
         with torch.no_grad():
-            values, indices = torch.topk(logits, k, dim=-1)
-            lse = torch.logsumexp(logits.float() / temperature, dim=-1) if with_logsumexp else None
-        return cls(values, indices, logits.shape[-1], lse)
+            values, indices = select_topk(logits, k)
+            lse = row_logsumexp(logits, temperature) if with_logsumexp else None
+        return cls(values, indices, logits.shape[-1], lse, float(temperature))
 
 
 Teacher = Union[torch.Tensor, TopKRecord]

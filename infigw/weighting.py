@@ -54,7 +54,7 @@ def position_entropy(teacher, gold: Optional[torch.Tensor], k: int, temperature:
         logits = _kept_logits(teacher)
         top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values  # selection in the input dtype
         log_q = torch.log_softmax(top.to(compute_dtype(top.dtype)) / temperature, dim=-1)
-        return -(log_q.exp() * log_q).sum(-1)
+        return torch.special.entr(log_q.exp()).sum(-1)  # 0 * log 0 = 0: -inf logits (vocab padding) are fine
 
 
 def position_nll(teacher, gold: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -161,7 +161,11 @@ def teacher_weights(spec: WeightSpec, included: torch.Tensor, uncertainty_fn=Non
     num_teachers = included.shape[0]
     present = included.float()
     if measure_of(spec, num_teachers) is not None:
-        scores = (-uncertainty_fn() / temperature).masked_fill(~included, float("-inf"))
+        scores = -uncertainty_fn() / temperature
+        # an infinite uncertainty (a gold token of probability 0) ranks last, yet a teacher present keeps a finite
+        # score, so the softmax over present teachers never sees only -inf
+        scores = torch.where(torch.isneginf(scores), torch.finfo(scores.dtype).min, scores)
+        scores = scores.masked_fill(~included, float("-inf"))
         weights = torch.softmax(scores, dim=0)
         return torch.where(included, weights, torch.zeros_like(weights)).detach()
     if spec is None:

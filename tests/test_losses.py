@@ -118,10 +118,9 @@ def test_record_teacher_matches_dense_teacher(values):
     sparse = F.gld_loss(student, record, k=5, values=values, temperature=0.7, reduction="none")
     if values == "probs":  # exact only with the logsumexp; without it the kept entries are renormalised
         assert_close(sparse, dense, atol=1e-5, name="record with logsumexp")
-        # without it, a record acts like a teacher whose only finite logits are its k kept ones
+        # without it, a record acts like a teacher whose only finite logits are the k_t = 8 it stores
         no_lse = infigw.TopKRecord(record.values, record.indices, 30)
-        top5 = torch.topk(teacher, 5)
-        only_kept = torch.full_like(teacher, float("-inf")).scatter(-1, top5.indices, top5.values)
+        only_kept = torch.full_like(teacher, float("-inf")).scatter(-1, record.indices, record.values)
         assert_close(F.gld_loss(student, no_lse, k=5, values="probs", temperature=0.7, reduction="none"),
                      F.gld_loss(student, only_kept, k=5, values="probs", temperature=0.7, reduction="none"),
                      atol=1e-5, name="record without logsumexp")
@@ -256,10 +255,58 @@ def test_modules_in_a_training_step():
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], f"loss did not go down: {losses}"
     assert "k=5" in repr(loss_fn)
     gld = infigw.GLDLoss(k=5, return_components=True)
     value, parts = gld(model(tokens), teacher)
     assert value.shape == () and set(parts) == {"gld", "weights", "included"}
     assert infigw.ULDLoss(top_k=5)(model(tokens), teacher).shape == ()
+
+
+def test_masked_rows_with_infinite_logits_get_zero_gradient():
+    """Padding rows may hold -inf/NaN: masked, they must not poison the gradient (0 * NaN)."""
+    student = logits(2, 5, 16, seed=40)
+    student[1, 3] = float("-inf")
+    student[0, 4, 2] = float("nan")
+    labels = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(4))
+    labels[1, 3] = labels[0, 4] = -100
+    teacher = logits(2, 5, 16, seed=41)
+    for backend in ("torch", "cpp") if infigw.backends()["cpp"] == "available" else ("torch",):
+        for values in ("logits", "probs", "topk_probs"):
+            x = student.clone().requires_grad_()
+            F.gld_loss(x, teacher, labels, k=4, values=values, backend=backend).backward()
+            assert torch.isfinite(x.grad).all(), (backend, values)
+    x = student.clone().requires_grad_()
+    F.infigfusion_loss(x, teacher, labels, k=4, values="probs").backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1, 3] == 0).all()
+
+
+def test_fp64_student_with_fp32_teacher_on_every_cpu_backend():
+    student = logits(2, 5, 16, seed=42, dtype=torch.float64)
+    teacher = logits(2, 5, 16, seed=43)
+    for distance in ("l1", "gw1d"):
+        auto = F.gld_loss(student, teacher, k=4, distance=distance)
+        assert_close(auto, F.gld_loss(student, teacher, k=4, distance=distance, backend="torch"), name=distance)
+
+
+def test_record_from_logits_follows_the_tie_rule_and_its_temperature():
+    student = logits(2, 8, 64, seed=44)
+    tied = torch.randint(0, 4, (2, 8, 64), generator=torch.Generator().manual_seed(5)).float()
+    record = infigw.TopKRecord.from_logits(tied, 5)
+    assert_close(F.gld_loss(student, record, k=5), F.gld_loss(student, tied, k=5), name="tied record")
+    warm = infigw.TopKRecord.from_logits(tied, 5, temperature=2.0)
+    assert_close(F.gld_loss(student, warm, k=5, values="probs", temperature=2.0),
+                 F.gld_loss(student, tied, k=5, values="probs", temperature=2.0), atol=1e-5, name="record at T=2")
+    with pytest.raises(ValueError, match="temperature 2.0 but the loss uses temperature 1.0"):
+        F.gld_loss(student, warm, k=5, values="probs")
+
+
+def test_uncertainty_weights_with_padded_vocabulary_stay_finite():
+    student = logits(2, 5, 16, seed=45)
+    padded = logits(2, 5, 16, seed=46)
+    padded[..., 5:] = float("-inf")  # fewer finite entries than k
+    loss, parts = F.gld_loss(student, [padded, padded * 2], k=8, values="probs", teacher_weights="uncertainty",
+                             return_components=True)
+    assert torch.isfinite(loss) and torch.isfinite(parts["weights"]).all()
+    assert torch.isfinite(F.uld_loss(student, [padded, padded * 2], teacher_weights="uncertainty", weight_k=12))

@@ -41,7 +41,3 @@ class TopKDegrees(NamedTuple):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every input dtype, except fp64 inputs (gradcheck), which stay fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_nodes_of(nodes: str, vocab_size: int, k: int) -> int:
-    return vocab_size if nodes == "vocab" else k

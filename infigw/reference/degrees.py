@@ -75,10 +75,13 @@ def topk_degrees(logits, row_graph, num_graphs: int, k: int, values: str = "logi
         row_graph: (N,) int64, graph index per row or -1 for a masked row.
         deterministic: accepted for signature parity; this path is always deterministic.
     """
+    valid = (row_graph >= 0).unsqueeze(-1)
+    # masked rows are zeroed before any math: -inf/NaN there (padding) must not reach the gradient as 0 * NaN
+    logits = torch.where(valid, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     kept, kept_ids = select_topk(logits, k)
     row_lse = row_logsumexp(logits, temperature) if values == "probs" else None
     kept_values = transform_values(kept, values, temperature, row_lse)
-    kept_values = torch.where((row_graph >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
+    kept_values = torch.where(valid, kept_values, torch.zeros_like(kept_values))
     num_nodes = logits.shape[-1] if nodes == "vocab" else k
     degrees, touched = degrees_from_kept(kept_values, kept_ids, row_graph, num_graphs, num_nodes, nodes, norm)
     return TopKDegrees(degrees, touched, kept_values.detach(), kept_ids)

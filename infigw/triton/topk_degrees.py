@@ -146,6 +146,30 @@ def _topk_rows_kernel(
 
 
 @triton.jit
+def _load_kept_row(kept_val_ptr, kept_id_ptr, row_graph_ptr, row, num_nodes,
+                   K: tl.constexpr, K_PAD: tl.constexpr, RANK_NODES: tl.constexpr):
+    """One row's kept values and their flat (graph, node) destinations; padding slots and masked rows
+    (graph < 0) load 0 and are not ``live``."""
+    slot = tl.arange(0, K_PAD)
+    in_k = slot < K
+    graph = tl.load(row_graph_ptr + row)
+    valid = graph >= 0
+    live = in_k & valid
+    a = tl.load(kept_val_ptr + row * K + slot, mask=live, other=0.0)
+    if RANK_NODES:
+        node = slot.to(tl.int64)
+    else:
+        node = tl.load(kept_id_ptr + row * K + slot, mask=live, other=0)
+    return slot, in_k, graph, valid, live, a, graph * num_nodes + node
+
+
+@triton.jit
+def _cosine_weight(diag):
+    """D^-1/2 of the cosine normalisation, 0 for nodes never touched (D = 0)."""
+    return tl.where(diag > 0.0, tl.rsqrt(tl.where(diag > 0.0, diag, 1.0)), 0.0)
+
+
+@triton.jit
 def _aggregate_kernel(
     kept_val_ptr, kept_id_ptr, row_graph_ptr, scale_ptr, diag_ptr, grad_deg_ptr,
     out_ptr, touched_ptr, contrib_ptr, key_ptr, num_nodes, num_graphs,
@@ -158,24 +182,15 @@ def _aggregate_kernel(
     ã = a * D^-1/2 (cosine degrees); 3: u * a with u = dL/dã (cosine backward, the sum Z over a node).
     """
     row = tl.program_id(0).to(tl.int64)
-    slot = tl.arange(0, K_PAD)
-    in_k = slot < K
-    graph = tl.load(row_graph_ptr + row)
-    valid = graph >= 0
-    live = in_k & valid
-    a = tl.load(kept_val_ptr + row * K + slot, mask=live, other=0.0)
-    if RANK_NODES:
-        node = slot.to(tl.int64)
-    else:
-        node = tl.load(kept_id_ptr + row * K + slot, mask=live, other=0)
-    dst = graph * num_nodes + node
+    slot, in_k, graph, valid, live, a, dst = _load_kept_row(
+        kept_val_ptr, kept_id_ptr, row_graph_ptr, row, num_nodes, K, K_PAD, RANK_NODES)
     if MODE == 0:
         contrib = a * (tl.sum(a) * tl.load(scale_ptr + graph, mask=valid, other=0.0))
     elif MODE == 1:
         contrib = a * a
     else:
         diag = tl.load(diag_ptr + dst, mask=live, other=0.0)
-        w = tl.where(diag > 0.0, tl.rsqrt(tl.where(diag > 0.0, diag, 1.0)), 0.0)
+        w = _cosine_weight(diag)
         aw = a * w
         if MODE == 2:
             contrib = aw * tl.sum(aw)
@@ -224,21 +239,12 @@ def _grad_rows_kernel(
     """dL/dx at the k kept entries of one row (and, for probs, the dense coefficient C_p / T)."""
     inv_temp = tl.cast(inv_temp, tl.float32)  # torch.compile passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
-    slot = tl.arange(0, K_PAD)
-    in_k = slot < K
-    graph = tl.load(row_graph_ptr + row)
-    valid = graph >= 0
-    live = in_k & valid
-    a = tl.load(kept_val_ptr + row * K + slot, mask=live, other=0.0)
-    if RANK_NODES:
-        node = slot.to(tl.int64)
-    else:
-        node = tl.load(kept_id_ptr + row * K + slot, mask=live, other=0)
-    dst = graph * num_nodes + node
+    slot, in_k, graph, valid, live, a, dst = _load_kept_row(
+        kept_val_ptr, kept_id_ptr, row_graph_ptr, row, num_nodes, K, K_PAD, RANK_NODES)
     gd = tl.load(grad_deg_ptr + dst, mask=live, other=0.0)
     if COSINE:
         diag = tl.load(diag_ptr + dst, mask=live, other=0.0)
-        w = tl.where(diag > 0.0, tl.rsqrt(tl.where(diag > 0.0, diag, 1.0)), 0.0)
+        w = _cosine_weight(diag)
         aw = a * w
         u = gd * tl.sum(aw) + tl.sum(gd * aw)
         z = tl.load(z_ptr + dst, mask=live, other=0.0)

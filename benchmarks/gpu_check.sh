@@ -28,7 +28,6 @@ SELECTION=(
   "test_rows_that_defeat_the_threshold_filter and bfloat16 and (ascending or nan)"
   "test_shapes_and_k_extremes and (torch.float32-1000-256 or torch.float32-7-7)"
   "test_deterministic_variant_is_bitwise_reproducible and (vocab-cosine or rank-mean)"
-  "test_coactivation_graph and (vocab-cosine or rank-mean)"
   "test_closed_forms_forward_and_backward and 1000"
 )
 EXPRESSION=$(printf " or (%s)" "${SELECTION[@]}")

@@ -1,7 +1,7 @@
 // The operator schemas of infigw, in one place. Kernels register against them per device:
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(infigw, CPU, m)) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(infigw, CUDA, m)).
-// Python adds fake (meta) kernels and autograd in infigw/ops/extension.py. The math is ../shared/spec/GLD.md;
-// the codes below are shared with infigw/ops/codes.py.
+// Python adds fake (meta) kernels and autograd in infigw/extension.py. The math is docs/math.md;
+// the codes below are shared with infigw/contract.py.
 //
 //   values_mode: 0 = logits, 1 = probs (full-vocabulary softmax of logits / temperature), 2 = topk_probs
 //   nodes_mode:  0 = vocab (node = token id, num_nodes = V), 1 = rank (node = rank slot, num_nodes = k)
@@ -36,16 +36,8 @@ TORCH_LIBRARY(infigw, m) {
       "topk_degrees_backward(Tensor grad_degrees, Tensor logits, Tensor row_graph, Tensor kept_values, "
       "Tensor kept_ids, Tensor row_lse, int num_graphs, int values_mode, float temperature, "
       "int nodes_mode, int norm_mode) -> Tensor");
-  // Explicit co-activation graphs from kept entries, coalesced: indices (3, nnz) int64 rows
-  // (graph, node_i, node_j) sorted lexicographically, values (nnz,) f32 (normalised by norm_mode).
-  m.def(
-      "coactivation_graph(Tensor kept_values, Tensor kept_ids, Tensor row_graph, int num_graphs, "
-      "int nodes_mode, int norm_mode) -> (Tensor indices, Tensor values)");
-  // Sorted L1 between zero-padded descending lists f, g (G, L) f32 -> (G,) f32.
-  m.def("sorted_l1(Tensor f, Tensor g) -> Tensor");
-  m.def("sorted_l1_backward(Tensor grad, Tensor f, Tensor g) -> (Tensor, Tensor)");
   // 1-D GW closed form (min of identity / anti-identity matchings, centred fp64 power sums) between
   // descending lists x, y (G, L) f32 whose first lengths[g] entries are the points -> (G,) f32.
-  m.def("gw1d_sorted(Tensor x, Tensor y, Tensor lengths) -> Tensor");
-  m.def("gw1d_sorted_backward(Tensor grad, Tensor x, Tensor y, Tensor lengths) -> (Tensor, Tensor)");
+  m.def("sorted_gw1d(Tensor x, Tensor y, Tensor lengths) -> Tensor");
+  m.def("sorted_gw1d_backward(Tensor grad, Tensor x, Tensor y, Tensor lengths) -> (Tensor, Tensor)");
 }

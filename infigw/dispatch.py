@@ -20,27 +20,25 @@ from typing import Callable, Dict, Tuple
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-OPS = ("topk_degrees", "coactivation_graph", "sorted_l1", "gw1d_sorted")
+OPS = ("topk_degrees", "sorted_gw1d")
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
-# topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); gw1d_sorted: Triton
-# 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists; sorted_l1 is one elementwise pass, where torch's own
-# kernels (0.27 ms) beat both custom ones; coactivation_graph (validation only) was not timed.
+# topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); sorted_gw1d: Triton
+# 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
+# kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {op: ("cpp", "torch") for op in OPS},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
-        "coactivation_graph": ("cuda", "triton", "torch"),
-        "sorted_l1": ("torch", "cuda", "triton"),
-        "gw1d_sorted": ("triton", "cuda", "torch"),
+        "sorted_gw1d": ("triton", "cuda", "torch"),
     },
 }
 
 # Modules that register implementations when imported, and why a backend may be missing.
 _PROVIDERS = {
-    "torch": "infigw.reference.ops",
-    "cpp": "infigw.ops.extension",
-    "cuda": "infigw.ops.extension",
+    "torch": "infigw.reference",
+    "cpp": "infigw.extension",
+    "cuda": "infigw.extension",
     "triton": "infigw.triton",
 }
 _IMPLS: Dict[Tuple[str, str], Callable] = {}

@@ -22,9 +22,10 @@ from . import dispatch
 from .checks import (check_choice, check_count, check_k, check_logits, check_number, check_optional_count,
                      check_points, check_positive, check_record, check_same_device, data_checks_enabled,
                      valid_positions)
-from .ops.common import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
-from .reference import (aligned_rows, degrees_from_kept, pad_to, row_logsumexp, select_topk, sort_compress,
-                        sorted_prob_l1, standardize, transform_values)
+from .contract import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
+from . import reference
+from .reference import (aligned_rows, degrees_from_kept, pad_to, row_logsumexp, select_topk, sorted_prob_l1,
+                        standardize, transform_values)
 from .teacher import TopKRecord, as_teacher_list
 from . import weighting
 
@@ -253,11 +254,10 @@ def coactivation_graph(logits, labels=None, *, mask=None, ignore_index: int = -1
         result, row_graph, num_graphs = _degrees(
             logits, valid, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
             temperature=temperature, deterministic=True, backend=backend)
-        _, implementation = dispatch.resolve("coactivation_graph", backend, logits.device)
-        indices, entries = implementation(result.kept_values, result.kept_ids, row_graph, num_graphs, nodes, graph_norm)
+        indices, entries = reference.coactivation_graph(result.kept_values, result.kept_ids, row_graph, num_graphs,
+                                                        nodes, graph_norm)
         if layout == "dense":
-            from .reference import dense_graphs
-            return dense_graphs(indices, entries, num_graphs)
+            return reference.dense_graphs(indices, entries, num_graphs)
         num_nodes = logits.shape[-1] if nodes == "vocab" else k
         return torch.sparse_coo_tensor(indices, entries, (num_graphs, num_nodes, num_nodes),
                                        is_coalesced=True, check_invariants=False)
@@ -275,7 +275,7 @@ def sorted_degrees(degrees: torch.Tensor, touched: torch.Tensor, num_nodes: Opti
         raise ValueError(f"touched must be a bool tensor of the degrees' shape {tuple(degrees.shape)}")
     check_same_device(degrees, touched, "touched", "degrees")
     check_optional_count(num_nodes, "num_nodes")
-    return sort_compress(degrees, touched, num_nodes)
+    return reference.sorted_degrees(degrees, touched, num_nodes)
 
 
 def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -312,7 +312,7 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
         order = torch.sort(torch.where(inside, points.detach(), low), dim=-1, descending=True, stable=True).indices
         return points.gather(-1, order)
 
-    _, implementation = dispatch.resolve("gw1d_sorted", backend, x.device)
+    _, implementation = dispatch.resolve("sorted_gw1d", backend, x.device)
     return implementation(descending(flat_x), descending(flat_y), lengths).reshape(batch_shape)
 
 
@@ -323,20 +323,20 @@ def _gld_terms(student_logits, valid, teachers, teacher_valids, *, k, values, no
     options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope, temperature=temperature,
                    deterministic=deterministic, backend=backend)
     student, row_graph, num_graphs = _degrees(student_logits, valid, **options)
-    f, f_counts = sort_compress(student.degrees, student.touched, num_nodes)
+    f, f_counts = reference.sorted_degrees(student.degrees, student.touched, num_nodes)
     student_present = _graphs_with_rows(row_graph, num_graphs)
-    op = "sorted_l1" if distance == "l1" else "gw1d_sorted"
-    _, implementation = dispatch.resolve(op, backend, student_logits.device)
+    if distance == "gw1d":
+        _, gw1d = dispatch.resolve("sorted_gw1d", backend, student_logits.device)
     terms, included = [], []
     for teacher, teacher_valid in zip(teachers, teacher_valids):
         result, teacher_rows, _ = _teacher_degrees(teacher, teacher_valid, **options)
-        g, g_counts = sort_compress(result.degrees, result.touched, num_nodes)
+        g, g_counts = reference.sorted_degrees(result.degrees, result.touched, num_nodes)
         width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
         f_pad, g_pad = pad_to(f, width).to(dtype), pad_to(g, width).to(dtype)
         if distance == "l1":
-            term = implementation(f_pad, g_pad)
+            term = reference.sorted_l1(f_pad, g_pad)
         else:
-            term = implementation(f_pad, g_pad, torch.maximum(f_counts, g_counts))
+            term = gw1d(f_pad, g_pad, torch.maximum(f_counts, g_counts))
         both = student_present & _graphs_with_rows(teacher_rows, num_graphs)
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .ops.common import compute_dtype
+from .contract import compute_dtype
 from .reference import aligned_rows
 from .teacher import TopKRecord
 

@@ -6,7 +6,7 @@ import torch
 
 import infigw.functional as F
 from infigw.exact_gw import brute_force_gw, line_distance_matrix
-from infigw.reference import gw1d_sorted, sort_compress, sorted_l1
+from infigw.reference import sorted_gw1d, sorted_degrees, sorted_l1
 
 from .helpers import assert_close
 
@@ -21,14 +21,14 @@ def gw1d_brute_force(x, y):
     return torch.tensor(brute_force_gw(line_distance_matrix(x), line_distance_matrix(y)).value)
 
 
-def test_sort_compress_orders_truncates_and_zero_pads():
+def test_sorted_degrees_orders_truncates_and_zero_pads():
     degrees = torch.tensor([[-3.0, 5.0, 0.0, -1.0, 7.0], [2.0, 2.0, 9.0, 1.0, 4.0]])
     touched = torch.tensor([[True, True, False, True, False], [True, True, True, True, True]])
-    lists, counts = sort_compress(degrees, touched)
+    lists, counts = sorted_degrees(degrees, touched)
     # untouched entries never enter the list, even when larger than a touched negative degree
     assert lists.tolist() == [[5.0, -1.0, -3.0, 0.0, 0.0], [9.0, 4.0, 2.0, 2.0, 1.0]]
     assert counts.tolist() == [3, 5]
-    lists, counts = sort_compress(degrees, touched, num_nodes=2)
+    lists, counts = sorted_degrees(degrees, touched, num_nodes=2)
     assert lists.tolist() == [[5.0, -1.0], [9.0, 4.0]] and counts.tolist() == [2, 2]
 
 
@@ -49,7 +49,7 @@ def test_gw1d_matches_double_sum_of_best_matching(n):
         identity = gw_cost_double_sum(x[i], y[i])
         anti = gw_cost_double_sum(x[i], y[i].flip(0))
         expected = min(identity, anti) / n**2
-        assert_close(gw1d_sorted(x[i:i + 1], y[i:i + 1], lengths[i:i + 1]), expected.float().view(1), rtol=1e-5,
+        assert_close(sorted_gw1d(x[i:i + 1], y[i:i + 1], lengths[i:i + 1]), expected.float().view(1), rtol=1e-5,
                      atol=1e-5, name=f"gw1d row {i}")
 
 
@@ -59,7 +59,7 @@ def test_gw1d_is_exact_for_small_n(n):
     for _ in range(4):
         x = torch.randn(n, generator=g).sort(descending=True).values
         y = torch.randn(n, generator=g).sort(descending=True).values
-        closed = gw1d_sorted(x.unsqueeze(0), y.unsqueeze(0), torch.tensor([n]))
+        closed = sorted_gw1d(x.unsqueeze(0), y.unsqueeze(0), torch.tensor([n]))
         assert_close(closed, gw1d_brute_force(x, y).float().view(1), rtol=1e-5, atol=1e-6, name=f"n={n}")
 
 
@@ -68,14 +68,14 @@ def test_gw1d_is_an_upper_bound_at_n7():
     for _ in range(3):
         x = torch.randn(7, generator=g).sort(descending=True).values
         y = torch.randn(7, generator=g).sort(descending=True).values
-        closed = float(gw1d_sorted(x.unsqueeze(0), y.unsqueeze(0), torch.tensor([7])))
+        closed = float(sorted_gw1d(x.unsqueeze(0), y.unsqueeze(0), torch.tensor([7])))
         assert closed >= float(gw1d_brute_force(x, y)) * (1 - 1e-6)
 
 
 def test_gw1d_lengths_and_empty_sets():
     x = torch.tensor([[3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
     y = torch.tensor([[5.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    out = gw1d_sorted(x, y, torch.tensor([3, 0]))
+    out = sorted_gw1d(x, y, torch.tensor([3, 0]))
     expected = min(gw_cost_double_sum(x[0, :3], y[0, :3]), gw_cost_double_sum(x[0, :3], y[0, :3].flip(0))) / 9
     assert_close(out, torch.stack([expected.float(), torch.tensor(0.0)]), atol=1e-5, name="lengths")
 
@@ -85,8 +85,8 @@ def test_gw1d_is_translation_invariant_and_stable_for_large_offsets():
     x = torch.randn(2, 50, generator=g).sort(-1, descending=True).values
     y = torch.randn(2, 50, generator=g).sort(-1, descending=True).values
     lengths = torch.full((2,), 50)
-    base = gw1d_sorted(x, y, lengths)
-    assert_close(gw1d_sorted(x + 1e4, y - 3e3, lengths), base, rtol=1e-3, atol=1e-4, name="shifted")
+    base = sorted_gw1d(x, y, lengths)
+    assert_close(sorted_gw1d(x + 1e4, y - 3e3, lengths), base, rtol=1e-3, atol=1e-4, name="shifted")
 
 
 def test_public_sorted_gw1d_sorts_point_sets():
@@ -104,12 +104,12 @@ def test_closed_forms_gradcheck():
     f = torch.randn(3, 7, generator=g, dtype=torch.float64).sort(-1, descending=True).values.requires_grad_()
     h = torch.randn(3, 7, generator=g, dtype=torch.float64).sort(-1, descending=True).values.requires_grad_()
     torch.autograd.gradcheck(sorted_l1, (f, h))
-    torch.autograd.gradcheck(lambda a, b: gw1d_sorted(a, b, torch.tensor([7, 5, 3])), (f, h))
+    torch.autograd.gradcheck(lambda a, b: sorted_gw1d(a, b, torch.tensor([7, 5, 3])), (f, h))
     torch.autograd.gradcheck(lambda a, b: F.sorted_gw1d(a, b), (f, h))
 
 
 def test_gw1d_is_exactly_zero_and_never_negative_for_equal_sets():
     g = torch.Generator().manual_seed(8)
     x = (torch.randn(16, 40, generator=g) * 100 + 1e3).sort(-1, descending=True).values
-    out = gw1d_sorted(x, x.clone(), torch.full((16,), 40))
+    out = sorted_gw1d(x, x.clone(), torch.full((16,), 40))
     assert torch.equal(out, torch.zeros(16)), out

@@ -22,18 +22,18 @@ def test_auto_on_cpu_picks_the_first_available_of_the_cpu_order(op):
 
 def test_environment_overrides_auto_only(monkeypatch):
     monkeypatch.setenv("INFIGW_BACKEND", "torch")
-    assert dispatch.resolve("sorted_l1", "auto", torch.device("cpu"))[0] == "torch"
+    assert dispatch.resolve("sorted_gw1d", "auto", torch.device("cpu"))[0] == "torch"
     monkeypatch.setenv("INFIGW_BACKEND", "cuda")
     with pytest.raises(infigw.BackendUnavailableError, match="runs on CUDA tensors|cuda"):
-        dispatch.resolve("sorted_l1", "auto", torch.device("cpu"))
-    assert dispatch.resolve("sorted_l1", "torch", torch.device("cpu"))[0] == "torch"
+        dispatch.resolve("sorted_gw1d", "auto", torch.device("cpu"))
+    assert dispatch.resolve("sorted_gw1d", "torch", torch.device("cpu"))[0] == "torch"
 
 
 def test_unknown_op_and_backend():
     with pytest.raises(ValueError, match="unknown op"):
         dispatch.resolve("sinkhorn", "auto", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be"):
-        dispatch.resolve("sorted_l1", "jax", torch.device("cpu"))
+        dispatch.resolve("sorted_gw1d", "jax", torch.device("cpu"))
 
 
 def test_k_limits_steer_auto_and_name_the_limit(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 import infigw
 from infigw import dispatch, reference
-from infigw.ops import extension
+from infigw import extension
 
 from .helpers import (DTYPES, NODE_MODES, NORM_MODES, VALUE_MODES, assert_close, random_mask, rows_of,
                       tied_logits, tolerances)
@@ -182,20 +182,6 @@ def test_deterministic_across_runs_and_thread_counts(device):
         assert torch.equal(other.kept_values, results[0].kept_values)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("nodes,norm", list(itertools.product(NODE_MODES, NORM_MODES)))
-@pytest.mark.parametrize("tied", [False, True])
-def test_coactivation_graph_matches_reference(device, nodes, norm, tied):
-    gen = torch.Generator().manual_seed(13)
-    logits = tied_logits(3 * 37, 301, levels=4, generator=gen) if tied else torch.randn(3 * 37, 301, generator=gen)
-    row_graph = sequences(3, 37, gen).to(device)
-    kept = reference.topk_degrees(logits.to(device), row_graph, 3, 7, "probs", 1.0, nodes, norm)
-    ours = extension.coactivation_graph(kept.kept_values, kept.kept_ids, row_graph, 3, nodes, norm)
-    ref = reference.coactivation_graph(kept.kept_values, kept.kept_ids, row_graph, 3, nodes, norm)
-    assert torch.equal(ours[0], ref[0]), "graph indices differ from the reference"
-    assert_close(ours[1], ref[1], atol=1e-6, rtol=1e-5, name="graph values")
-
-
 def sorted_lists(gen, device, lists=6, width=40):
     f = torch.randn(lists, width, generator=gen).sort(-1, descending=True).values
     g = torch.randn(lists, width, generator=gen).sort(-1, descending=True).values * 2
@@ -204,10 +190,10 @@ def sorted_lists(gen, device, lists=6, width=40):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["sorted_l1", "gw1d_sorted"])
+@pytest.mark.parametrize("op", ["sorted_gw1d"])
 def test_closed_forms_match_reference(device, op):
     f, g, lengths = sorted_lists(torch.Generator().manual_seed(17), device)
-    extra = (lengths,) if op == "gw1d_sorted" else ()
+    extra = (lengths,) if op == "sorted_gw1d" else ()
     weights = torch.randn(f.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
     results = []
     for module in (extension, reference):
@@ -218,10 +204,10 @@ def test_closed_forms_match_reference(device, op):
         assert_close(ours, ref, atol=1e-5, rtol=1e-5, name=f"{op} {name}")
 
 
-@pytest.mark.parametrize("op", ["sorted_l1", "gw1d_sorted"])
+@pytest.mark.parametrize("op", ["sorted_gw1d"])
 def test_closed_forms_gradcheck_fp64(op):
     f, g, lengths = sorted_lists(torch.Generator().manual_seed(19), "cpu", width=12)
-    extra = (lengths.clamp_max(12),) if op == "gw1d_sorted" else ()
+    extra = (lengths.clamp_max(12),) if op == "sorted_gw1d" else ()
     leaves = (f.double().requires_grad_(True), g.double().requires_grad_(True))
     assert torch.autograd.gradcheck(lambda a, b: getattr(extension, op)(a, b, *extra), leaves)
 
@@ -240,7 +226,7 @@ def test_gw1d_follows_the_anti_identity_branch():
     results = []
     for module in (extension, reference):
         leaves = (x.clone().requires_grad_(True), y.clone().requires_grad_(True))
-        value = module.gw1d_sorted(*leaves, lengths)
+        value = module.sorted_gw1d(*leaves, lengths)
         results.append((value,) + torch.autograd.grad(value.sum(), leaves))
     assert_close(results[0][0], cost(x[0], y[0].flip(0)).view(1) / 25, atol=1e-5, rtol=1e-5, name="gw1d anti")
     for name, ours, ref in zip(("value", "grad x", "grad y"), *results):
@@ -263,15 +249,12 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(ops.topk_degrees_backward.default,
                               (torch.randn_like(degrees), logits.detach(), row_graph, kept_values, kept_ids, row_lse,
                                3, values, 0.7, 0, 2))
-    torch.library.opcheck(ops.coactivation_graph.default, (kept_values, kept_ids, row_graph, 3, 0, 0))
     f, g, lengths = sorted_lists(gen, device)
     f.requires_grad_(True)
     g.requires_grad_(True)
-    torch.library.opcheck(ops.sorted_l1.default, (f, g))
-    torch.library.opcheck(ops.gw1d_sorted.default, (f, g, lengths))
+    torch.library.opcheck(ops.sorted_gw1d.default, (f, g, lengths))
     grad = torch.randn(f.shape[0], device=device)
-    torch.library.opcheck(ops.sorted_l1_backward.default, (grad, f.detach(), g.detach()))
-    torch.library.opcheck(ops.gw1d_sorted_backward.default, (grad, f.detach(), g.detach(), lengths))
+    torch.library.opcheck(ops.sorted_gw1d_backward.default, (grad, f.detach(), g.detach(), lengths))
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -292,9 +275,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="row_graph must be int64"):
         extension.topk_degrees(logits, rows.int(), 2, 3, "logits", 1.0, "vocab", "mean", False)
     with pytest.raises(ValueError, match="lengths must lie in"):
-        extension.gw1d_sorted(logits, logits, torch.tensor([1, 2, 3, 11]))
+        extension.sorted_gw1d(logits, logits, torch.tensor([1, 2, 3, 11]))
     with pytest.raises(ValueError, match="must both have shape"):
-        extension.sorted_l1(logits, logits[:, :5])
+        extension.sorted_gw1d(logits, logits[:, :5], torch.tensor([1, 2, 3, 4]))
 
 
 def test_disable_switch_falls_back_to_reference(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 import infigw
 import infigw.functional as F
-from infigw.reference import gw1d_sorted, sort_compress, sorted_l1, topk_degrees
+from infigw.reference import sorted_gw1d, sorted_degrees, sorted_l1, topk_degrees
 
 from .helpers import DTYPES, NODE_MODES, NORM_MODES, VALUE_MODES, assert_close, random_mask
 
@@ -36,8 +36,8 @@ def test_gld_equals_the_stagewise_composition():
     rows = torch.arange(3).repeat_interleave(6)
     s = topk_degrees(student.reshape(-1, 20), rows, 3, 4)
     t = topk_degrees(teacher.reshape(-1, 25), rows, 3, 4)
-    f, _ = sort_compress(s.degrees, s.touched)
-    g, _ = sort_compress(t.degrees, t.touched)
+    f, _ = sorted_degrees(s.degrees, s.touched)
+    g, _ = sorted_degrees(t.degrees, t.touched)
     expected = sorted_l1(torch.nn.functional.pad(f, (0, 5)), g)
     assert_close(loss, expected, name="composition")
 

@@ -14,7 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from infigw import dispatch, reference  # noqa: E402
-from infigw.triton import closed_forms, graph, topk_degrees  # noqa: E402
+from infigw.triton import closed_forms, topk_degrees  # noqa: E402
 
 from .helpers import (  # noqa: E402
     NODE_MODES, NORM_MODES, VALUE_MODES, assert_close, random_mask, rows_of, tied_logits, tolerances,
@@ -194,13 +194,11 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="contiguous"):
         topk_degrees.topk_degrees(logits.t(), rows.repeat(3)[:10], 1, 3)
     with pytest.raises(TypeError, match="float32"):
-        closed_forms.sorted_l1(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3))
+        closed_forms.sorted_gw1d(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="shape"):
-        closed_forms.sorted_l1(torch.zeros(2, 3), torch.zeros(2, 4))
+        closed_forms.sorted_gw1d(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="lengths"):
-        closed_forms.gw1d_sorted(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="kept_ids"):
-        graph.coactivation_graph(torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.int64), rows[:2], 1)
+        closed_forms.sorted_gw1d(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.int32))
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter runs the kernels on CPU tensors")
@@ -208,7 +206,7 @@ def test_cpu_tensors_need_the_interpreter():
     with pytest.raises(ValueError, match="CUDA tensor"):
         topk_degrees.topk_degrees(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64), 1, 2)
     with pytest.raises(ValueError, match="CUDA tensor"):
-        closed_forms.gw1d_sorted(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
+        closed_forms.sorted_gw1d(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
 
 
 def test_registered_in_dispatch():
@@ -217,23 +215,6 @@ def test_registered_in_dispatch():
 
 
 # ------------------------------------------------------------------------------------------ graph, distances
-
-
-@runs_kernels
-@pytest.mark.parametrize("norm", NORM_MODES)
-@pytest.mark.parametrize("nodes", NODE_MODES)
-def test_coactivation_graph(nodes, norm):
-    gen = torch.Generator().manual_seed(11)
-    logits = tied_logits(9, 25, levels=6, generator=gen)
-    row_graph = torch.tensor([0, 2, 2, -1, 0, 0, 2, -1, 0])
-    kept, ids = reference.select_topk(logits, 4)
-    values = reference.transform_values(kept, "logits")
-    values = torch.where((row_graph >= 0).unsqueeze(-1), values, torch.zeros_like(values))  # includes zeros
-    args = [t.to(DEVICE) for t in (values, ids, row_graph)]
-    got = graph.coactivation_graph(*args, 3, nodes, norm)
-    ref = reference.coactivation_graph(values, ids, row_graph, 3, nodes, norm)
-    assert torch.equal(got[0].cpu(), ref[0]), f"{nodes}/{norm}: COO indices differ"
-    assert_close(got[1], ref[1], atol=1e-6, rtol=1e-5, name=f"{nodes}/{norm} values")
 
 
 def _distance_inputs(rows, width, seed):
@@ -251,26 +232,16 @@ def _forward_backward(op, *args):
 
 
 @runs_kernels
-@pytest.mark.parametrize("rows,width", [(5, 37), (1, 1), (3, 1100)])
-def test_sorted_l1(rows, width):
-    x, y = _distance_inputs(rows, width, width)
-    y[0, : width // 2] = x[0, : width // 2]  # |u| at u = 0: gradient 0
-    for got, ref, name in zip(_forward_backward(closed_forms.sorted_l1, x, y),
-                              _forward_backward(reference.sorted_l1, x, y), ("value", "grad f", "grad g")):
-        assert_close(got, ref, atol=1e-5, rtol=1e-5, name=f"sorted_l1 {name}")
-
-
-@runs_kernels
 @pytest.mark.parametrize("rows,width", [(6, 37), (2, 1100)])
-def test_gw1d_sorted(rows, width):
+def test_sorted_gw1d(rows, width):
     x, y = _distance_inputs(rows, width, rows)
     lengths = torch.tensor([width, 0, 1, 2, 7, width // 2][:rows], device=DEVICE)
     # Mirror-image clouds: the anti-identity matching wins, so both branches are exercised.
     x[-1] = torch.tensor([10.0, 9.0, 0.0] + [0.0] * (width - 3))
     y[-1] = torch.tensor([10.0, 1.0, 0.0] + [0.0] * (width - 3))
     lengths[-1] = 3
-    for got, ref, name in zip(_forward_backward(closed_forms.gw1d_sorted, x, y, lengths),
-                              _forward_backward(reference.gw1d_sorted, x, y, lengths), ("value", "grad x", "grad y")):
+    for got, ref, name in zip(_forward_backward(closed_forms.sorted_gw1d, x, y, lengths),
+                              _forward_backward(reference.sorted_gw1d, x, y, lengths), ("value", "grad x", "grad y")):
         assert_close(got, ref, atol=1e-5, rtol=1e-5, name=f"gw1d {name}")
 
 
@@ -310,14 +281,6 @@ def test_kernels_compile_for_sm90():
         (topk_degrees._scatter_grad_kernel,
          dict(grad_ptr="*bf16", vocab="i32", kept_id_ptr="*i64", grad_kept_ptr="*fp32", row_graph_ptr="*i64"),
          dict(k, ACCUMULATE=True)),
-        (graph._outer_products_kernel,
-         dict(common, key_ptr="*i64", prod_ptr="*fp32", num_ids="i64", sentinel="i64"),
-         dict(k, RANK_NODES=False)),
-        (closed_forms._sorted_l1_kernel, dict(f_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32", width="i32"),
-         dict(BLOCK=1024)),
-        (closed_forms._sorted_l1_backward_kernel,
-         dict(grad_ptr="*fp32", f_ptr="*fp32", g_ptr="*fp32", grad_f_ptr="*fp32", grad_g_ptr="*fp32", width="i32"),
-         dict(BLOCK=1024)),
         (closed_forms._gw1d_kernel,
          dict(x_ptr="*fp32", y_ptr="*fp32", len_ptr="*i64", out_ptr="*fp32", width="i32"), dict(BLOCK=1024)),
         (closed_forms._gw1d_backward_kernel,
@@ -371,7 +334,8 @@ def test_gpu_torch_compile_without_graph_breaks():
     def loss(x):
         out = torch.ops.infigw_triton.topk_degrees(x, row_graph, 2, 8, 1, 1.0, 0, 0, False)
         f = out[0].sort(-1, descending=True).values
-        return torch.ops.infigw_triton.sorted_l1(f[:1], f[1:]).sum()
+        lengths = torch.full((1,), f.shape[-1], dtype=torch.int64, device=f.device)
+        return torch.ops.infigw_triton.sorted_gw1d(f[:1], f[1:], lengths).sum()
 
     compiled = torch.compile(loss, fullgraph=True)
     expected = loss(logits)

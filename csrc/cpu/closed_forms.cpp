@@ -1,6 +1,5 @@
 // CPU kernels of the sorted closed forms (schemas in csrc/ops.cpp, math in shared/spec/GLD.md section 4):
-// infigw::sorted_l1 and infigw::gw1d_sorted with their backward ops, batched over lists (lists in parallel).
-// Sums are accumulated in fp64 (the GW power sums must be; the L1 sum profits from it on long lists).
+// infigw::sorted_gw1d and its backward op, batched over lists (lists in parallel). The power sums are fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,53 +25,6 @@ void check_lists(const at::Tensor& f, const at::Tensor& g, const char* fname, co
 void check_grad(const at::Tensor& grad, int64_t lists) {
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == lists, "grad must have shape (", lists, ",), got ",
                     grad.sizes());
-}
-
-at::Tensor sorted_l1_cpu(const at::Tensor& f_in, const at::Tensor& g_in) {
-  check_lists(f_in, g_in, "f", "g");
-  const at::Tensor f = f_in.contiguous(), g = g_in.contiguous();
-  const int64_t lists = f.size(0), width = f.size(1);
-  at::Tensor out = at::empty({lists}, f.options());
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "infigw_sorted_l1", [&] {
-    const scalar_t* fp = f.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, lists, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        double sum = 0;
-        for (int64_t j = 0; j < width; ++j) sum += std::abs(static_cast<double>(fp[i * width + j]) - gp[i * width + j]);
-        o[i] = static_cast<scalar_t>(sum);
-      }
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> sorted_l1_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f_in,
-                                                          const at::Tensor& g_in) {
-  check_lists(f_in, g_in, "f", "g");
-  check_grad(grad_in, f_in.size(0));
-  const at::Tensor f = f_in.contiguous(), g = g_in.contiguous();
-  const at::Tensor grad = grad_in.to(f.scalar_type()).contiguous();
-  const int64_t lists = f.size(0), width = f.size(1);
-  at::Tensor grad_f = at::empty_like(f), grad_g = at::empty_like(g);
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "infigw_sorted_l1_backward", [&] {
-    const scalar_t* fp = f.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* go = grad.data_ptr<scalar_t>();
-    scalar_t* gf = grad_f.data_ptr<scalar_t>();
-    scalar_t* gg = grad_g.data_ptr<scalar_t>();
-    at::parallel_for(0, lists, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        for (int64_t j = i * width; j < (i + 1) * width; ++j) {
-          const scalar_t d = fp[j] - gp[j];
-          const scalar_t sign = static_cast<scalar_t>((d > 0) - (d < 0));  // d|u|/du = sign(u), 0 at 0
-          gf[j] = go[i] * sign;
-          gg[j] = -gf[j];
-        }
-    });
-  });
-  return {grad_f, grad_g};
 }
 
 // Power sums of one pair of centred point lists u, v (n points each, v already in the matching's order).
@@ -153,13 +105,13 @@ void check_lengths(const at::Tensor& lengths, const at::Tensor& x) {
   }
 }
 
-at::Tensor gw1d_sorted_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& lengths_in) {
+at::Tensor sorted_gw1d_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& lengths_in) {
   check_lists(x_in, y_in, "x", "y");
   check_lengths(lengths_in, x_in);
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), lengths = lengths_in.contiguous();
   const int64_t lists = x.size(0), width = x.size(1);
   at::Tensor out = at::empty({lists}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "infigw_gw1d_sorted", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "infigw_sorted_gw1d", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t* len = lengths.data_ptr<int64_t>();
@@ -182,7 +134,7 @@ at::Tensor gw1d_sorted_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gw1d_sorted_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+std::tuple<at::Tensor, at::Tensor> sorted_gw1d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                             const at::Tensor& y_in, const at::Tensor& lengths_in) {
   check_lists(x_in, y_in, "x", "y");
   check_lengths(lengths_in, x_in);
@@ -191,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> gw1d_sorted_backward_cpu(const at::Tensor& gr
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
   const int64_t lists = x.size(0), width = x.size(1);
   at::Tensor grad_x = at::zeros_like(x), grad_y = at::zeros_like(y);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "infigw_gw1d_sorted_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "infigw_sorted_gw1d_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t* len = lengths.data_ptr<int64_t>();
@@ -226,8 +178,6 @@ std::tuple<at::Tensor, at::Tensor> gw1d_sorted_backward_cpu(const at::Tensor& gr
 }  // namespace infigw
 
 TORCH_LIBRARY_IMPL(infigw, CPU, m) {
-  m.impl("sorted_l1", &infigw::cpu::sorted_l1_cpu);
-  m.impl("sorted_l1_backward", &infigw::cpu::sorted_l1_backward_cpu);
-  m.impl("gw1d_sorted", &infigw::cpu::gw1d_sorted_cpu);
-  m.impl("gw1d_sorted_backward", &infigw::cpu::gw1d_sorted_backward_cpu);
+  m.impl("sorted_gw1d", &infigw::cpu::sorted_gw1d_cpu);
+  m.impl("sorted_gw1d_backward", &infigw::cpu::sorted_gw1d_backward_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of infigw::sorted_l1 and infigw::gw1d_sorted with their backwards (schemas in csrc/ops.cpp):
+// CUDA kernels of infigw::sorted_gw1d and its backward (schemas in csrc/ops.cpp):
 // thin bindings over closed_forms.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,33 +32,7 @@ void check_lengths(const Tensor& lengths, const Tensor& like) {
                     like.size(0), ",), got ", lengths.sizes());
 }
 
-Tensor sorted_l1_cuda(const Tensor& f_in, const Tensor& g_in) {
-  check_lists(f_in, "f", g_in, "g");
-  const c10::cuda::CUDAGuard guard(f_in.device());
-  const Tensor f = f_in.contiguous(), g = g_in.contiguous();
-  Tensor out = at::empty({f.size(0)}, f.options());
-  if (f.size(0) > 0) {
-    check_launch(launch_sorted_l1(f.data_ptr<float>(), g.data_ptr<float>(), f.size(0), f.size(1),
-                                  out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
-  }
-  return out;
-}
-
-std::tuple<Tensor, Tensor> sorted_l1_backward_cuda(const Tensor& grad_in, const Tensor& f_in, const Tensor& g_in) {
-  check_lists(f_in, "f", g_in, "g");
-  check_grad(grad_in, f_in);
-  const c10::cuda::CUDAGuard guard(f_in.device());
-  const Tensor grad = grad_in.contiguous(), f = f_in.contiguous(), g = g_in.contiguous();
-  Tensor grad_f = at::empty_like(f), grad_g = at::empty_like(g);
-  if (f.numel() > 0) {
-    check_launch(launch_sorted_l1_backward(grad.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(),
-                                           f.size(0), f.size(1), grad_f.data_ptr<float>(), grad_g.data_ptr<float>(),
-                                           c10::cuda::getCurrentCUDAStream()));
-  }
-  return {grad_f, grad_g};
-}
-
-Tensor gw1d_sorted_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in) {
+Tensor sorted_gw1d_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in) {
   check_lists(x_in, "x", y_in, "y");
   check_lengths(lengths_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -71,7 +45,7 @@ Tensor gw1d_sorted_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& le
   return out;
 }
 
-std::tuple<Tensor, Tensor> gw1d_sorted_backward_cuda(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
+std::tuple<Tensor, Tensor> sorted_gw1d_backward_cuda(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
                                                      const Tensor& lengths_in) {
   check_lists(x_in, "x", y_in, "y");
   check_grad(grad_in, x_in);
@@ -93,8 +67,6 @@ std::tuple<Tensor, Tensor> gw1d_sorted_backward_cuda(const Tensor& grad_in, cons
 }  // namespace infigw
 
 TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
-  m.impl("sorted_l1", &infigw::cuda::sorted_l1_cuda);
-  m.impl("sorted_l1_backward", &infigw::cuda::sorted_l1_backward_cuda);
-  m.impl("gw1d_sorted", &infigw::cuda::gw1d_sorted_cuda);
-  m.impl("gw1d_sorted_backward", &infigw::cuda::gw1d_sorted_backward_cuda);
+  m.impl("sorted_gw1d", &infigw::cuda::sorted_gw1d_cuda);
+  m.impl("sorted_gw1d_backward", &infigw::cuda::sorted_gw1d_backward_cuda);
 }

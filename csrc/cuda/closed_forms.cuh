@@ -1,4 +1,4 @@
-// The sorted closed forms (GLD.md section 4), forward and backward, one block per graph. Torch-free kernel
+// The 1-D GW closed form (GLD.md section 4), forward and backward, one block per graph. Torch-free kernel
 // bodies and launchers; the torch binding is closed_forms.cu. Reductions use fixed shuffle trees, so the
 // results are deterministic; gw1d accumulates its power sums in fp64.
 #pragma once
@@ -9,33 +9,6 @@ namespace infigw {
 namespace cuda {
 
 constexpr int kClosedBlock = 256;
-
-// out[g] = sum_i |f[g, i] - h[g, i]|
-static __global__ void __launch_bounds__(kClosedBlock)
-    sorted_l1_kernel(const float* __restrict__ f, const float* __restrict__ h, int64_t width,
-                     float* __restrict__ out) {
-  __shared__ float scratch[kClosedBlock / kWarp];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * width;
-  float t = 0.f;
-  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) t += fabsf(f[base + i] - h[base + i]);
-  t = block_sum1(t, scratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = t;
-}
-
-// d|u|/du = sign(u) (0 at 0): grad_f = grad * sign(f - h), grad_h = -grad_f.
-static __global__ void sorted_l1_backward_kernel(const float* __restrict__ grad, const float* __restrict__ f,
-                                                 const float* __restrict__ h, int64_t graphs, int64_t width,
-                                                 float* __restrict__ grad_f, float* __restrict__ grad_h) {
-  const int64_t total = graphs * width;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float u = f[e] - h[e];
-    const float s = static_cast<float>((u > 0.f) - (u < 0.f));
-    const float gf = grad[e / width] * s;
-    grad_f[e] = gf;
-    grad_h[e] = -gf;
-  }
-}
 
 // ---- 1-D GW closed form ------------------------------------------------------------------------------------
 //
@@ -166,19 +139,6 @@ static __global__ void __launch_bounds__(kClosedBlock)
     grad_x[g * width + i] = static_cast<float>(gx);
     grad_y[g * width + i] = static_cast<float>(gy);
   }
-}
-
-inline cudaError_t launch_sorted_l1(const float* f, const float* h, int64_t graphs, int64_t width, float* out,
-                                    cudaStream_t stream) {
-  sorted_l1_kernel<<<static_cast<unsigned>(graphs), kClosedBlock, 0, stream>>>(f, h, width, out);
-  return cudaGetLastError();
-}
-
-inline cudaError_t launch_sorted_l1_backward(const float* grad, const float* f, const float* h, int64_t graphs,
-                                             int64_t width, float* grad_f, float* grad_h, cudaStream_t stream) {
-  sorted_l1_backward_kernel<<<grid_for(graphs * width, kClosedBlock), kClosedBlock, 0, stream>>>(
-      grad, f, h, graphs, width, grad_f, grad_h);
-  return cudaGetLastError();
 }
 
 inline cudaError_t launch_gw1d(const float* x, const float* y, const int64_t* lengths, int64_t graphs,

@@ -1,9 +1,10 @@
-"""The GLD contract (../shared/spec/GLD.md) in plain PyTorch: the reference every backend is tested against.
+"""The GLD contract (docs/math.md) in plain PyTorch: the reference every backend is tested against.
 
 Stages, in data-flow order: select (top-k + value transform) -> degrees (per-graph node degrees) -> graph
 (explicit co-activation graph, for validation) -> closed_forms (sort/compress, sorted L1, 1-D GW) -> uld.
 """
-from .closed_forms import gw1d_sorted, pad_to, sort_compress, sorted_l1
+from .. import dispatch
+from .closed_forms import sorted_gw1d, pad_to, sorted_degrees, sorted_l1
 from .degrees import degrees_from_kept, node_ids, topk_degrees
 from .graph import coactivation_graph, dense_graphs
 from .select import rank_order, row_logsumexp, select_topk, transform_values
@@ -13,6 +14,10 @@ __all__ = [
     "select_topk", "rank_order", "row_logsumexp", "transform_values",
     "node_ids", "degrees_from_kept", "topk_degrees",
     "coactivation_graph", "dense_graphs",
-    "sort_compress", "pad_to", "sorted_l1", "gw1d_sorted",
+    "sorted_degrees", "pad_to", "sorted_l1", "sorted_gw1d",
     "aligned_rows", "standardize", "sorted_prob_l1",
 ]
+
+# the always-available ``torch`` backend of every dispatched op
+dispatch.register("torch", "topk_degrees", topk_degrees)
+dispatch.register("torch", "sorted_gw1d", sorted_gw1d)

@@ -1,17 +1,17 @@
 """Stages 3-4 of GLD: sort/compress the degrees, then the closed-form distances between sorted lists.
 
 Honesty notes (GLD.md section 4):
-- ``gw1d_sorted`` is min(identity, anti-identity) of the 1-D GW problem with squared-distance costs. It is the
+- ``sorted_gw1d`` is min(identity, anti-identity) of the 1-D GW problem with squared-distance costs. It is the
   cost of a feasible matching, hence an *upper bound* on 1-D GW; it is exact for n <= 6 but not in general
   (Beinert, Heiss and Steidl give counterexamples for n > 6).
 - ``sorted_l1`` on degrees is a surrogate: GW_1(C, D) >= (1/n^2) * sorted_l1(f, g) for uniform node weights.
 """
 import torch
 
-from ..ops.common import compute_dtype
+from ..contract import compute_dtype
 
 
-def sort_compress(degrees: torch.Tensor, touched: torch.Tensor, num_nodes=None):
+def sorted_degrees(degrees: torch.Tensor, touched: torch.Tensor, num_nodes=None):
     """Descending degrees of the touched nodes, truncated to ``num_nodes`` and zero beyond the touched count.
 
     Args:
@@ -58,7 +58,7 @@ def _matching_cost(x, y, n):
     return _cross(x - y, x + y, n)
 
 
-def gw1d_sorted(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """1-D GW closed form between descending lists whose first ``lengths[g]`` entries are the points.
 
     (1/n^2) * min(cost(x, y), cost(x, reversed y)) with cost(x, y) = sum_{i,j} ((x_i-x_j)^2 - (y_i-y_j)^2)^2,

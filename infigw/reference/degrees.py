@@ -10,7 +10,7 @@ those of the ``sum`` graph built from a_p[i] * w_i. O(rows * k) work and memory 
 """
 import torch
 
-from ..ops.common import NODES, NORMS, TopKDegrees, compute_dtype
+from ..contract import NODES, NORMS, TopKDegrees, compute_dtype
 from .select import row_logsumexp, select_topk, transform_values
 
 

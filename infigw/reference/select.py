@@ -6,7 +6,7 @@ NaN ranks above every number (as in ``torch.topk``/``torch.sort``), so a NaN in 
 """
 import torch
 
-from ..ops.common import VALUES, compute_dtype
+from ..contract import VALUES, compute_dtype
 
 
 def select_topk(logits: torch.Tensor, k: int):

@@ -1,7 +1,7 @@
 """Token-level term: ULD (Boizard et al. 2024), the sorted-probability L1 between aligned positions."""
 import torch
 
-from ..ops.common import compute_dtype
+from ..contract import compute_dtype
 
 
 def aligned_rows(student_valid: torch.Tensor, teacher_valid: torch.Tensor):

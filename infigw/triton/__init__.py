@@ -12,9 +12,7 @@ try:
 except ImportError as exc:  # the backend is optional
     dispatch.mark_unavailable("triton", f"triton is not importable: {exc}")
 else:
-    from . import closed_forms, graph, topk_degrees
+    from . import closed_forms, topk_degrees
 
     dispatch.register("triton", "topk_degrees", topk_degrees.topk_degrees, max_k=topk_degrees.MAX_K)
-    dispatch.register("triton", "coactivation_graph", graph.coactivation_graph)
-    dispatch.register("triton", "sorted_l1", closed_forms.sorted_l1)
-    dispatch.register("triton", "gw1d_sorted", closed_forms.gw1d_sorted)
+    dispatch.register("triton", "sorted_gw1d", closed_forms.sorted_gw1d)

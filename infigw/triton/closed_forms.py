@@ -1,6 +1,6 @@
 """The sorted closed forms in Triton, batched over rows: sorted L1 and the 1-D GW closed form (fwd + bwd).
 
-``gw1d_sorted`` accumulates its centred power sums in fp64. Triton emits native fp64 arithmetic on every
+``sorted_gw1d`` accumulates its centred power sums in fp64. Triton emits native fp64 arithmetic on every
 NVIDIA architecture, so no compensated-fp32 variant is needed: on GPUs with slow fp64 (consumer parts) the
 cost stays O(L) per row and is tiny next to the top-k pass. The backward recomputes the sums (two streaming
 passes) rather than saving them, and follows the branch the forward chose (identity on a tie).
@@ -13,33 +13,6 @@ from torch.library import triton_op, wrap_triton
 from .topk_degrees import check_device
 
 _BLOCK = 1024
-
-
-@triton.jit
-def _sorted_l1_kernel(f_ptr, g_ptr, out_ptr, width, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < width
-        f = tl.load(f_ptr + row * width + cols, mask=inside, other=0.0)
-        g = tl.load(g_ptr + row * width + cols, mask=inside, other=0.0)
-        acc += tl.abs(f - g)
-    tl.store(out_ptr + row, tl.sum(acc))
-
-
-@triton.jit
-def _sorted_l1_backward_kernel(grad_ptr, f_ptr, g_ptr, grad_f_ptr, grad_g_ptr, width, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < width
-    f = tl.load(f_ptr + row * width + cols, mask=inside, other=0.0)
-    g = tl.load(g_ptr + row * width + cols, mask=inside, other=0.0)
-    diff = f - g
-    sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))  # d|u|/du, 0 at 0
-    grad = tl.load(grad_ptr + row) * sign
-    tl.store(grad_f_ptr + row * width + cols, grad, mask=inside)
-    tl.store(grad_g_ptr + row * width + cols, -grad, mask=inside)
 
 
 @triton.jit
@@ -152,27 +125,7 @@ def _block(width: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(width)))
 
 
-@triton_op("infigw_triton::sorted_l1", mutates_args=())
-def _sorted_l1_op(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    rows, width = f.shape
-    out = torch.empty(rows, dtype=torch.float32, device=f.device)
-    if rows:
-        wrap_triton(_sorted_l1_kernel)[(rows,)](f, g, out, width, BLOCK=_block(width))
-    return out
-
-
-@triton_op("infigw_triton::sorted_l1_backward", mutates_args=())
-def _sorted_l1_backward_op(grad: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, width = f.shape
-    grad_f, grad_g = torch.empty_like(f), torch.empty_like(g)
-    if rows and width:
-        block = _block(width)
-        wrap_triton(_sorted_l1_backward_kernel)[(rows, triton.cdiv(width, block))](
-            grad.contiguous(), f, g, grad_f, grad_g, width, BLOCK=block)
-    return grad_f, grad_g
-
-
-@triton_op("infigw_triton::gw1d_sorted", mutates_args=())
+@triton_op("infigw_triton::sorted_gw1d", mutates_args=())
 def _gw1d_op(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     rows, width = x.shape
     out = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -181,7 +134,7 @@ def _gw1d_op(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.T
     return out
 
 
-@triton_op("infigw_triton::gw1d_sorted_backward", mutates_args=())
+@triton_op("infigw_triton::sorted_gw1d_backward", mutates_args=())
 def _gw1d_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, width = x.shape
@@ -196,17 +149,12 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _sorted_l1_backward(ctx, grad):
-    return torch.ops.infigw_triton.sorted_l1_backward(grad, *ctx.saved_tensors)
-
-
 def _gw1d_backward(ctx, grad):
-    grad_x, grad_y = torch.ops.infigw_triton.gw1d_sorted_backward(grad, *ctx.saved_tensors)
+    grad_x, grad_y = torch.ops.infigw_triton.sorted_gw1d_backward(grad, *ctx.saved_tensors)
     return grad_x, grad_y, None
 
 
-torch.library.register_autograd("infigw_triton::sorted_l1", _sorted_l1_backward, setup_context=_save_inputs)
-torch.library.register_autograd("infigw_triton::gw1d_sorted", _gw1d_backward, setup_context=_save_inputs)
+torch.library.register_autograd("infigw_triton::sorted_gw1d", _gw1d_backward, setup_context=_save_inputs)
 
 
 # --------------------------------------------------------------------------------------------- op-level API
@@ -223,14 +171,7 @@ def _check_pair(name_a, a, name_b, b) -> None:
                          f"and {tuple(b.shape)} on {b.device}")
 
 
-def sorted_l1(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_i |f_i - g_i| per row of (G, L) f32 lists -> (G,) f32; differentiable in f and g."""
-    _check_pair("f", f, "g", g)
-    check_device(f, "f")
-    return torch.ops.infigw_triton.sorted_l1(f.contiguous(), g.contiguous())
-
-
-def gw1d_sorted(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """1-D GW closed form between descending (G, L) f32 lists of lengths[g] points -> (G,) f32.
 
     ``lengths`` must lie in [0, L] (the kernels clamp to that range rather than read out of bounds).
@@ -242,4 +183,4 @@ def gw1d_sorted(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torc
     if lengths.device != x.device:
         raise ValueError(f"lengths is on {lengths.device} but x on {x.device}")
     check_device(x, "x")
-    return torch.ops.infigw_triton.gw1d_sorted(x.contiguous(), y.contiguous(), lengths.contiguous())
+    return torch.ops.infigw_triton.sorted_gw1d(x.contiguous(), y.contiguous(), lengths.contiguous())

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..ops.common import NODES, NORMS, VALUES, TopKDegrees
+from ..contract import NODES, NORMS, VALUES, TopKDegrees
 
 #: Largest k the Triton backend accepts (the running top-k lives in registers).
 MAX_K = 1024

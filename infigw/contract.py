@@ -10,7 +10,7 @@ backends of one op take the same arguments and return the same thing:
     Returns ``(indices (3, nnz) int64, values (nnz,) f32)``: coalesced COO entries (graph, i, j), sorted.
 ``sorted_l1(f, g)``
     f, g (G, L) f32 descending zero-padded lists -> (G,) f32; differentiable in f and g.
-``gw1d_sorted(x, y, lengths)``
+``sorted_gw1d(x, y, lengths)``
     x, y (G, L) f32 descending lists, lengths (G,) int64 -> (G,) f32; differentiable in x and y.
 """
 from typing import NamedTuple

@@ -2,7 +2,7 @@
 
 Importing this module loads the extension (its static registrations define the ``torch.ops.infigw.*`` ops,
 see ``csrc/ops.cpp``), adds what the C++ side does not provide -- fake kernels for torch.compile and autograd
-formulas -- and registers the op-level callables of :mod:`infigw.ops.common` with :mod:`infigw.dispatch`.
+formulas -- and registers the op-level callables of :mod:`infigw.contract` with :mod:`infigw.dispatch`.
 The same callables serve both backends: the torch dispatcher routes each call to the CPU or CUDA kernel by
 the tensors' device. Set ``INFIGW_DISABLE_EXTENSION=1`` to run as if the extension were not built.
 """
@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from .. import dispatch
-from .common import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
+from . import dispatch
+from .contract import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
 
 PROBS = VALUES["probs"]
 CUDA_MAX_K = 256  # kMaxK of csrc/cuda/common.cuh: the candidate buffer is sized for it
@@ -23,7 +23,7 @@ def _load_reason():
     if os.environ.get("INFIGW_DISABLE_EXTENSION", "0") == "1":
         return "disabled by INFIGW_DISABLE_EXTENSION=1"
     try:
-        from .. import _C  # noqa: F401  (importing runs the op registrations)
+        from . import _C  # noqa: F401  (importing runs the op registrations)
     except ImportError as exc:
         return f"infigw._C is not built ({exc}); build it with `python setup.py build_ext --inplace` or pip install"
     return None
@@ -36,7 +36,7 @@ def _code(table, name, argument):
         raise ValueError(f"{argument} must be one of {tuple(table)}, got {name!r}") from None
 
 
-# ---- op-level callables (signatures of infigw.ops.common) -------------------------------------------------
+# ---- op-level callables (signatures of infigw.contract) -------------------------------------------------
 
 def topk_degrees(logits, row_graph, num_graphs, k, values, temperature, nodes, norm, deterministic):
     degrees, touched, kept_values, kept_ids, _ = torch.ops.infigw.topk_degrees(
@@ -45,25 +45,13 @@ def topk_degrees(logits, row_graph, num_graphs, k, values, temperature, nodes, n
     return TopKDegrees(degrees, touched, kept_values, kept_ids)
 
 
-def coactivation_graph(kept_values, kept_ids, row_graph, num_graphs, nodes, norm):
-    return torch.ops.infigw.coactivation_graph(
-        kept_values, kept_ids, row_graph, int(num_graphs), _code(NODES, nodes, "nodes"),
-        _code(NORMS, norm, "graph_norm"))
-
-
-def sorted_l1(f, g):
-    return torch.ops.infigw.sorted_l1(f, g)
-
-
-def gw1d_sorted(x, y, lengths):
-    return torch.ops.infigw.gw1d_sorted(x, y, lengths)
+def sorted_gw1d(x, y, lengths):
+    return torch.ops.infigw.sorted_gw1d(x, y, lengths)
 
 
 CALLABLES = {
     "topk_degrees": topk_degrees,
-    "coactivation_graph": coactivation_graph,
-    "sorted_l1": sorted_l1,
-    "gw1d_sorted": gw1d_sorted,
+    "sorted_gw1d": sorted_gw1d,
 }
 
 
@@ -88,24 +76,11 @@ def _register_fakes():
           nodes_mode, norm_mode):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("infigw::coactivation_graph")
-    def _(kept_values, kept_ids, row_graph, num_graphs, nodes_mode, norm_mode):
-        nnz = torch.library.get_ctx().new_dynamic_size()
-        return kept_ids.new_empty((3, nnz)), kept_values.new_empty((nnz,))
-
-    @torch.library.register_fake("infigw::sorted_l1")
-    def _(f, g):
-        return f.new_empty(f.shape[:1])
-
-    @torch.library.register_fake("infigw::sorted_l1_backward")
-    def _(grad, f, g):
-        return f.new_empty(f.shape), g.new_empty(g.shape)
-
-    @torch.library.register_fake("infigw::gw1d_sorted")
+    @torch.library.register_fake("infigw::sorted_gw1d")
     def _(x, y, lengths):
         return x.new_empty(x.shape[:1])
 
-    @torch.library.register_fake("infigw::gw1d_sorted_backward")
+    @torch.library.register_fake("infigw::sorted_gw1d_backward")
     def _(grad, x, y, lengths):
         return x.new_empty(x.shape), y.new_empty(y.shape)
 
@@ -131,22 +106,16 @@ def _pair_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _sorted_l1_backward(ctx, grad):
-    f, g = ctx.saved_tensors
-    return torch.ops.infigw.sorted_l1_backward(grad, f, g)
-
-
-def _gw1d_sorted_backward(ctx, grad):
+def _sorted_gw1d_backward(ctx, grad):
     x, y, lengths = ctx.saved_tensors
-    grad_x, grad_y = torch.ops.infigw.gw1d_sorted_backward(grad, x, y, lengths)
+    grad_x, grad_y = torch.ops.infigw.sorted_gw1d_backward(grad, x, y, lengths)
     return grad_x, grad_y, None
 
 
 def _register_autograd():
     torch.library.register_autograd(
         "infigw::topk_degrees", _topk_degrees_backward, setup_context=_topk_degrees_setup)
-    torch.library.register_autograd("infigw::sorted_l1", _sorted_l1_backward, setup_context=_pair_setup)
-    torch.library.register_autograd("infigw::gw1d_sorted", _gw1d_sorted_backward, setup_context=_pair_setup)
+    torch.library.register_autograd("infigw::sorted_gw1d", _sorted_gw1d_backward, setup_context=_pair_setup)
 
 
 def _register_backends():

@@ -5,10 +5,12 @@ type ``TopKRecord``, and ``backends()`` (which implementations this machine can 
 """
 __version__ = "0.1.0"
 
-from . import functional
+from . import dispatch, functional
 from .dispatch import BackendUnavailableError, backends
 from .losses import GLDLoss, InfiGFusionLoss, ULDLoss
 from .teacher import TopKRecord
+
+dispatch.load_providers()  # registered now, not inside a torch.compile trace of the first call
 
 __all__ = ["functional", "GLDLoss", "ULDLoss", "InfiGFusionLoss", "TopKRecord", "backends",
            "BackendUnavailableError", "__version__"]

@@ -1,9 +1,10 @@
 """Input validation for the public entry points: every error names the argument and what was expected.
 
-Shape, dtype, device and option checks read only metadata. The data-dependent checks (the vocabulary range of
-a :class:`~infigw.TopKRecord`'s indices, of gold tokens for ``teacher_weights="nll"`` and of the labels of the
-cross-entropy) each cost a device-to-host sync; turn them off with ``INFIGW_DATA_CHECKS=0`` (out-of-range ids are
-then undefined behaviour). ULD's pairing of valid positions also syncs (it gathers the valid rows).
+Shape, dtype, device and option checks read only metadata. The data-dependent checks (the vocabulary range and
+uniqueness of a :class:`~infigw.TopKRecord`'s ids and its normaliser, the range of gold tokens for
+``teacher_weights="nll"`` and of the labels of the cross-entropy) each cost a device-to-host sync; turn them off
+with ``INFIGW_DATA_CHECKS=0`` (bad ids are then undefined behaviour). They are also skipped while
+``torch.compile`` traces (a host sync would break the graph); run one eager step to have them.
 
 Non-finite logits are not scanned for (that would be an extra pass over B*T*V). NaN ranks above every number in
 the top-k selection, so a NaN in a valid row is always kept and the loss becomes NaN, never a silently finite
@@ -15,12 +16,29 @@ import os
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Below this, logits / T overflows fp32 for logits of ordinary size and softmaxes become NaN (ours).
+MIN_TEMPERATURE = 1e-6
 
 
-def data_checks_enabled() -> bool:
-    return os.environ.get("INFIGW_DATA_CHECKS", "1") != "0"
+def data_checks_enabled(data: torch.Tensor) -> bool:
+    """The data-dependent checks of ``data`` run: ``INFIGW_DATA_CHECKS`` is not ``0``, no ``torch.compile``
+    trace is under way, and ``data`` holds values (not a fake or meta tensor)."""
+    return (os.environ.get("INFIGW_DATA_CHECKS", "1") != "0" and not torch.compiler.is_compiling()
+            and data.device.type != "meta" and not is_fake(data))
+
+
+def check_ids_in_range(ids: torch.Tensor, valid: Optional[torch.Tensor], size: int, message: str) -> None:
+    """Raise ``ValueError(message)`` when an id at a valid position lies outside [0, size) (one host sync)."""
+    if not data_checks_enabled(ids):
+        return
+    outside = (ids < 0) | (ids >= size)
+    if valid is not None:
+        outside = outside & valid
+    if bool(outside.any()):
+        raise ValueError(message)
 
 
 def check_choice(value, name: str, choices: Sequence[str]) -> str:
@@ -68,6 +86,15 @@ def check_positive(value, name: str) -> float:
     return float(value)
 
 
+def check_temperature(value, name: str = "temperature") -> float:
+    """A finite temperature >= MIN_TEMPERATURE (smaller ones overflow the fp32 math of logits / T)."""
+    check_positive(value, name)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (logits / {name} overflows float32 below it), "
+                         f"got {value!r}")
+    return float(value)
+
+
 def check_count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -106,53 +133,11 @@ def valid_positions(labels, mask, shape, ignore_index: int, name: str, reference
         raise ValueError(f"{full_name} must have shape {tuple(shape)} to match the logits, got {tuple(given.shape)}")
     check_same_device(reference, given, full_name, "the logits")
     if kind == "labels":
-        if given.dtype.is_floating_point or given.dtype == torch.bool:
+        if given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
             raise TypeError(f"{full_name} must be an integer tensor, got {given.dtype}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        return given != ignore_index
+        return given.long() != ignore_index  # int64 first: -100 must not wrap around in uint8 labels
     if given.dtype.is_floating_point:
         raise TypeError(f"{full_name} must be bool or integer 0/1, got {given.dtype}")
     return given.bool()
-
-
-def check_record(record, batch: int, k: int, name: str, reference: torch.Tensor, temperature: float) -> None:
-    """Shapes, dtypes, device and index range of a TopKRecord, and the temperature of its logsumexp."""
-    values, indices = record.values, record.indices
-    if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{name}.values and {name}.indices must be tensors")
-    if values.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}.values must be a floating tensor, got {values.dtype}")
-    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise TypeError(f"{name}.indices must be an integer tensor, got {indices.dtype}")
-    if values.dim() != 3 or values.shape != indices.shape or values.numel() == 0:
-        raise ValueError(
-            f"{name}.values and {name}.indices must share one non-empty shape (B, T', k_t), "
-            f"got {tuple(values.shape)} and {tuple(indices.shape)}"
-        )
-    if values.shape[0] != batch:
-        raise ValueError(f"{name} has batch size {values.shape[0]} but the student has {batch}")
-    if isinstance(record.vocab_size, bool) or not isinstance(record.vocab_size, int) or record.vocab_size < values.shape[-1]:
-        raise ValueError(f"{name}.vocab_size must be an int >= k_t = {values.shape[-1]}, got {record.vocab_size!r}")
-    if values.shape[-1] < k:
-        raise ValueError(f"{name} keeps k_t = {values.shape[-1]} entries per position, fewer than k = {k}")
-    for tensor, part in ((values, "values"), (indices, "indices")):
-        check_same_device(reference, tensor, f"{name}.{part}", "the student logits")
-    if record.logsumexp is not None:
-        lse = record.logsumexp
-        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(values.shape[:2]):
-            raise ValueError(f"{name}.logsumexp must be a tensor of shape {tuple(values.shape[:2])}")
-        if lse.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}.logsumexp must be a floating tensor, got {lse.dtype}")
-        if record.temperature != temperature:
-            raise ValueError(f"{name}.logsumexp was taken at temperature {record.temperature} but the loss uses "
-                             f"temperature {temperature}: record it at the loss temperature (TopKRecord.from_logits"
-                             "(..., temperature=...)) or drop the logsumexp")
-        check_same_device(reference, lse, f"{name}.logsumexp", "the student logits")
-    if data_checks_enabled():
-        low, high = torch.aminmax(indices)
-        low, high = int(low), int(high)  # the one host sync (see module docstring)
-        if low < 0 or high >= record.vocab_size:
-            raise ValueError(
-                f"{name}.indices must lie in [0, {record.vocab_size}) (vocab_size), found values in [{low}, {high}]"
-            )

@@ -41,3 +41,10 @@ class TopKDegrees(NamedTuple):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every input dtype, except fp64 inputs (gradcheck), which stay fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+# Option names of the public losses (the kernels' codes above cover values / nodes / graph_norm).
+SCOPES = ("sequence", "batch")
+DISTANCES = ("l1", "gw1d")
+REDUCTIONS = ("mean", "sum", "none")
+GRANULARITIES = ("sequence", "token")
+PAIRINGS = ("index", "offsets")

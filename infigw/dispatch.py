@@ -10,6 +10,10 @@ Backends:
 ``backend="auto"`` picks, per op and device, the first available entry of :data:`AUTO_ORDER`;
 the environment variable ``INFIGW_BACKEND`` replaces ``auto`` by a fixed name. A backend asked for by
 name that cannot run the call raises :class:`BackendUnavailableError` saying why; there is no silent fallback.
+
+:data:`SHARED_OPS` are stages with one plain-torch implementation that serves every backend by design (no
+kernel pays there, e.g. the O(N*k) degree aggregation of a stored teacher record); naming a backend selects the
+kernels of the other ops and never fails on these.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 OPS = ("topk_degrees", "sorted_gw1d")
+SHARED_OPS = ("kept_degrees",)
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
 # topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); sorted_gw1d: Triton
@@ -53,7 +58,7 @@ class BackendUnavailableError(RuntimeError):
 
 def register(backend: str, op: str, fn: Callable, max_k: int | None = None) -> None:
     """Called by provider modules at import time; ``max_k`` is the largest top-k the implementation takes."""
-    if backend not in BACKENDS or op not in OPS:
+    if backend not in BACKENDS or op not in OPS + SHARED_OPS or (op in SHARED_OPS and backend != "torch"):
         raise ValueError(f"unknown backend/op pair ({backend!r}, {op!r})")
     _IMPLS[(backend, op)] = fn
     if max_k is not None:
@@ -95,19 +100,36 @@ def _why_not(backend: str, op: str, device: torch.device, k: int | None = None) 
     return None
 
 
-def resolve(op: str, backend: str, device: torch.device, k: int | None = None) -> Tuple[str, Callable]:
-    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device`` (and top-k ``k``)."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+def load_providers() -> None:
+    """Import every provider now (``import infigw`` does), so that no import happens inside a traced call."""
+    for backend in BACKENDS:
+        _load(backend)
+
+
+def _requested(backend: str) -> str:
     if backend == "auto":
         backend = os.environ.get("INFIGW_BACKEND", "auto") or "auto"
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"the environment variable INFIGW_BACKEND must be 'auto' or one of {BACKENDS}, "
+                             f"got {backend!r}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device, k: int | None = None) -> Tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device`` (and top-k ``k``)."""
+    if op not in OPS + SHARED_OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS + SHARED_OPS}")
+    backend = _requested(backend)
+    if op in SHARED_OPS:
+        _load("torch")
+        return "torch", _IMPLS[("torch", op)]
     if backend == "auto":
         for candidate in AUTO_ORDER.get(device.type, {}).get(op, ("torch",)):
             if _why_not(candidate, op, device, k) is None:
                 return candidate, _IMPLS[(candidate, op)]
         return "torch", _IMPLS[("torch", op)]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = _why_not(backend, op, device, k)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run {op!r}: {reason}")

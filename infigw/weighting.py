@@ -1,9 +1,11 @@
-"""Weights of several teachers, per sequence or per aligned position (GLD.md sections 5 and 7).
+"""Weights of several teachers, per sequence or per aligned position (docs/math.md §5 and §7).
 
 Specs (``teacher_weights=``):
 
 - ``None``: uniform over the teachers present (at the sequence, or at the position).
-- S fixed numbers: used as given (a teacher absent from a sequence/position gets 0 there).
+- S fixed numbers, each >= 0 and not all 0: used as given (a teacher absent from a sequence/position gets 0
+  there). They weight losses, so a negative weight would reward distance from a teacher; merge weights
+  (:mod:`infigw.merge`, task vectors) may be negative, loss weights may not.
 - ``"uncertainty"`` (label-free) or ``"nll"`` (label-aware): InfiFusion's uncertainty-based source weights; the
   paper's formula was not available, so these are **ours**:
   ``w_s = softmax_s(-u_s / tau_w)`` over the present teachers, with ``u_s`` the teacher's per-position
@@ -33,15 +35,9 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from .contract import compute_dtype
-from .reference import aligned_rows
-from .teacher import TopKRecord
+from .teacher import TopKRecord, teacher_logits_for_topk
 
 WeightSpec = Union[None, str, Sequence[float], torch.Tensor]
-GRANULARITIES = ("sequence", "token")
-
-
-def _kept_logits(teacher) -> torch.Tensor:
-    return teacher.values if isinstance(teacher, TopKRecord) else teacher
 
 
 def position_entropy(teacher, gold: Optional[torch.Tensor], k: int, temperature: float) -> torch.Tensor:
@@ -51,7 +47,7 @@ def position_entropy(teacher, gold: Optional[torch.Tensor], k: int, temperature:
         teacher: dense logits (B, T', V_t) or a TopKRecord (its k_t kept logits; k is capped at k_t).
     """
     with torch.no_grad():
-        logits = _kept_logits(teacher)
+        logits = teacher_logits_for_topk(teacher)
         top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values  # selection in the input dtype
         log_q = torch.log_softmax(top.to(compute_dtype(top.dtype)) / temperature, dim=-1)
         return torch.special.entr(log_q.exp()).sum(-1)  # 0 * log 0 = 0: -inf logits (vocab padding) are fine
@@ -60,27 +56,22 @@ def position_entropy(teacher, gold: Optional[torch.Tensor], k: int, temperature:
 def position_nll(teacher, gold: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     """(B, T') ``-log p(gold)`` under the teacher's ``softmax(logits / T)`` (``k`` unused).
 
-    Dense logits: exact, full vocabulary. TopKRecord: the kept logits, normalised by the record's logsumexp
-    when present (exact), else renormalised over the kept entries. A gold token outside the kept ids has an
-    unknown probability, bounded above by the smallest kept probability (the kept ids are the top k) and,
-    with the logsumexp, by the mass left outside the kept entries; its NLL is ``-log`` of that bound (ours:
-    a lower bound on the true NLL, so such a teacher never looks more confident than when its least likely
-    kept token is the gold one). Values at positions where ``gold`` is not a valid id are meaningless.
+    Dense logits: exact, full vocabulary. TopKRecord: its kept log-probabilities (exact with a normaliser, else
+    renormalised over the kept entries, see :mod:`infigw.teacher`). A gold token outside the kept ids has an
+    unknown probability, bounded above by the smallest kept probability (the kept ids are the top k) and, with
+    a normaliser, by the mass left outside the kept entries; its NLL is ``-log`` of that bound (ours: a lower
+    bound on the true NLL, so such a teacher never looks more confident than when its least likely kept token
+    is the gold one). Values at positions where ``gold`` is not a valid id are meaningless.
     """
     with torch.no_grad():
-        logits = _kept_logits(teacher)
-        scaled = logits.to(compute_dtype(logits.dtype)) / temperature
         gold = gold.long()
         if not isinstance(teacher, TopKRecord):
+            scaled = teacher.to(compute_dtype(teacher.dtype)) / temperature
             picked = scaled.gather(-1, gold.clamp(0, scaled.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
             return torch.logsumexp(scaled, dim=-1) - picked
-        if teacher.logsumexp is None:
-            log_p = torch.log_softmax(scaled, dim=-1)
-            bound = log_p.min(-1).values
-        else:
-            log_p = scaled - teacher.logsumexp.to(scaled.dtype).unsqueeze(-1)
-            left = (1 - log_p.exp().sum(-1)).clamp_min(torch.finfo(scaled.dtype).tiny).log()
-            bound = torch.minimum(log_p.min(-1).values, left)
+        log_p = teacher.log_probs(temperature)
+        left = teacher.residual_mass(temperature).clamp_min(torch.finfo(log_p.dtype).tiny).log()
+        bound = torch.minimum(log_p.min(-1).values, left) if teacher.has_normaliser() else log_p.min(-1).values
         hit = teacher.indices.long() == gold.unsqueeze(-1)
         found = torch.where(hit, log_p, torch.full_like(log_p, float("-inf"))).max(-1).values
         return -torch.where(hit.any(-1), found, bound)
@@ -98,24 +89,31 @@ MEASURES = {
 }
 
 
-def measure_of(spec: WeightSpec, num_teachers: int) -> Optional[Measure]:
-    """Validate ``spec``; the uncertainty measure it names, or None for None / fixed weights."""
+class WeightRule(NamedTuple):
+    """A validated ``teacher_weights`` spec: uniform (both None), S fixed weights, or an uncertainty measure."""
+    fixed: Optional[torch.Tensor]
+    measure: Optional[Measure]
+
+
+def resolve_rule(spec: WeightSpec, num_teachers: int) -> WeightRule:
+    """Validate ``spec`` once per call (see the module docstring for the rules)."""
     expected = f"teacher_weights must be None, one of {tuple(MEASURES)} or {num_teachers} numbers, got {spec!r}"
+    if spec is None:
+        return WeightRule(None, None)
     if isinstance(spec, str):
         if spec not in MEASURES:
             raise ValueError(expected)
-        return MEASURES[spec]
-    if spec is not None:
-        try:
-            fixed = torch.as_tensor(spec, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(expected) from error
-        if fixed.dim() != 1 or fixed.numel() != num_teachers:
-            raise ValueError(f"teacher_weights must hold one number per teacher ({num_teachers}), got shape "
-                             f"{tuple(fixed.shape)}")
-        if not torch.isfinite(fixed).all():
-            raise ValueError("teacher_weights must be finite numbers")
-    return None
+        return WeightRule(None, MEASURES[spec])
+    try:
+        fixed = torch.as_tensor(spec, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(expected) from error
+    if fixed.dim() != 1 or fixed.numel() != num_teachers:
+        raise ValueError(f"teacher_weights must hold one number per teacher ({num_teachers}), got shape "
+                         f"{tuple(fixed.shape)}")
+    if not torch.isfinite(fixed).all() or (fixed < 0).any() or not (fixed > 0).any():
+        raise ValueError(f"teacher_weights must be finite numbers >= 0, not all 0 (they weight losses), got {spec!r}")
+    return WeightRule(fixed.float(), None)
 
 
 def sequence_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -124,21 +122,11 @@ def sequence_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     return kept.sum(-1) / valid.sum(-1).clamp_min(1)
 
 
-def to_student_positions(pair_values: torch.Tensor, student_rows: torch.Tensor, shape) -> torch.Tensor:
-    """Per aligned pair values (P,) -> ``shape`` (B, T) on the student grid, 0 (False) where there is no pair."""
-    flat = pair_values.new_zeros(torch.Size(shape).numel())
-    return flat.index_copy(0, student_rows, pair_values).view(shape)
-
-
-def student_presence(student_rows: torch.Tensor, shape) -> torch.Tensor:
-    """``shape`` (B, T) bool: the student position has an aligned pair (its flat row is in ``student_rows``)."""
-    return to_student_positions(torch.ones_like(student_rows, dtype=torch.bool), student_rows, shape)
-
-
-def aligned_uncertainty(per_position: torch.Tensor, student_valid: torch.Tensor, teacher_valid: torch.Tensor):
-    """A teacher's (B, T') per-position values read at the aligned pairs -> (B, T) on the student grid."""
-    student_rows, teacher_rows, _ = aligned_rows(student_valid, teacher_valid)
-    return to_student_positions(per_position.reshape(-1)[teacher_rows], student_rows, student_valid.shape)
+def at_partners(per_position: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """A teacher's (B, T') values read at each student position's partner (B, T) (flat teacher row, -1 for
+    none) -> (B, T), 0 where there is no partner."""
+    picked = per_position.reshape(-1)[partner.clamp_min(0)]
+    return torch.where(partner >= 0, picked, torch.zeros_like(picked))
 
 
 def pooled_weights(token_weights: torch.Tensor, present: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
@@ -149,18 +137,17 @@ def pooled_weights(token_weights: torch.Tensor, present: torch.Tensor, scope: st
     return token_weights.sum(-1) / covered.sum(-1).clamp_min(1)
 
 
-def teacher_weights(spec: WeightSpec, included: torch.Tensor, uncertainty_fn=None, temperature: float = 1.0):
+def teacher_weights(rule: WeightRule, included: torch.Tensor, uncertainty_fn=None, temperature: float = 1.0):
     """(S, ...) detached weights, one per teacher and sequence (S, G) or aligned student position (S, B, T).
 
     Args:
-        spec: None, a name in :data:`MEASURES`, or S fixed weights.
+        rule: from :func:`resolve_rule`.
         included: (S, ...) bool, the teacher is present there (and so is the student).
-        uncertainty_fn: called as ``uncertainty_fn()`` -> (S, ...) uncertainties; only for a named measure.
+        uncertainty_fn: called as ``uncertainty_fn()`` -> (S, ...) uncertainties; only for a measure.
         temperature: tau_w of the softmax over teachers.
     """
-    num_teachers = included.shape[0]
     present = included.float()
-    if measure_of(spec, num_teachers) is not None:
+    if rule.measure is not None:
         scores = -uncertainty_fn() / temperature
         # an infinite uncertainty (a gold token of probability 0) ranks last, yet a teacher present keeps a finite
         # score, so the softmax over present teachers never sees only -inf
@@ -168,9 +155,9 @@ def teacher_weights(spec: WeightSpec, included: torch.Tensor, uncertainty_fn=Non
         scores = scores.masked_fill(~included, float("-inf"))
         weights = torch.softmax(scores, dim=0)
         return torch.where(included, weights, torch.zeros_like(weights)).detach()
-    if spec is None:
+    if rule.fixed is None:
         return present / present.sum(0, keepdim=True).clamp_min(1)
-    fixed = torch.as_tensor(spec, dtype=torch.float32, device=included.device).detach()
+    fixed = rule.fixed.to(included.device)
     return fixed.view(-1, *([1] * (included.dim() - 1))) * present
 
 
@@ -178,21 +165,20 @@ class TeacherWeighting:
     """The weight inputs of one loss call; computes (S, G) per-graph or (S, B, T) per-position weights.
 
     Args:
-        spec: as :func:`teacher_weights`. teachers / teacher_valids: the S teachers and their (B, T') valid
-            positions. golds: each teacher's (B, T') gold next-token ids, or None (label-free measures).
+        rule: the validated spec. teachers / teacher_valids: the S teachers and their (B, T') valid positions.
+        golds: each teacher's (B, T') gold next-token ids, or None (label-free measures).
         k: top-k of the entropy measure. temperature: the loss temperature T of the teachers' softmax.
         weight_temperature: tau_w.
     """
 
-    def __init__(self, spec: WeightSpec, teachers, teacher_valids, golds, *, k: int, temperature: float,
+    def __init__(self, rule: WeightRule, teachers, teacher_valids, golds, *, k: int, temperature: float,
                  weight_temperature: float):
-        self.spec = spec
-        self.measure = measure_of(spec, len(teachers))
+        self.rule = rule
         self.teachers, self.teacher_valids, self.golds = teachers, teacher_valids, golds
         self.k, self.temperature, self.weight_temperature = k, temperature, weight_temperature
 
     def _uncertainties(self):
-        return [self.measure.fn(teacher, gold, self.k, self.temperature)
+        return [self.rule.measure.fn(teacher, gold, self.k, self.temperature)
                 for teacher, gold in zip(self.teachers, self.golds)]
 
     def per_graph(self, included: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
@@ -204,11 +190,10 @@ class TeacherWeighting:
                 present = torch.stack([valid.any(-1) for valid in self.teacher_valids]).to(per_sequence.dtype)
                 return (per_sequence * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1)
             return per_sequence
-        return teacher_weights(self.spec, included, uncertainty, self.weight_temperature)
+        return teacher_weights(self.rule, included, uncertainty, self.weight_temperature)
 
-    def per_position(self, present: torch.Tensor, student_valid: torch.Tensor) -> torch.Tensor:
-        """(S, B, T) weights at the aligned student positions; ``present`` (S, B, T) marks the pairs."""
+    def per_position(self, partners: torch.Tensor) -> torch.Tensor:
+        """(S, B, T) weights at the aligned student positions; ``partners`` (S, B, T) as :func:`at_partners`."""
         def uncertainty():
-            return torch.stack([aligned_uncertainty(u, student_valid, v)
-                                for u, v in zip(self._uncertainties(), self.teacher_valids)])
-        return teacher_weights(self.spec, present, uncertainty, self.weight_temperature)
+            return torch.stack([at_partners(u, partner) for u, partner in zip(self._uncertainties(), partners)])
+        return teacher_weights(self.rule, partners >= 0, uncertainty, self.weight_temperature)

@@ -95,14 +95,21 @@ def test_masked_positions_get_no_gradient_and_excluded_sequences_count_zero():
     assert_close(F.gld_loss(student, teacher, mask=mask, k=4, reduction="sum"), per_sequence.sum(), name="sum")
 
 
-def test_teacher_mask_excludes_and_different_lengths_need_a_mask():
+def test_teacher_mask_excludes_and_different_lengths_need_a_mask_only_when_ambiguous():
     student, teacher = logits(2, 6, 20, seed=14), logits(2, 9, 24, seed=15)
     teacher_mask = torch.ones(2, 9, dtype=torch.bool)
     teacher_mask[0] = False
     out = F.gld_loss(student, teacher, teacher_mask=teacher_mask, k=3, reduction="none")
     assert out[0] == 0 and out[1] > 0
-    with pytest.raises(ValueError, match="teacher_labels or teacher_mask"):
-        F.gld_loss(student, teacher, k=3)
+    student_mask = torch.ones(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="teacher_labels or teacher_mask"):  # which teacher positions? ambiguous
+        F.gld_loss(student, teacher, mask=student_mask, k=3)
+    # no labels and no masks on either side: every position is valid on both, nothing is ambiguous
+    all_valid = torch.ones(2, 9, dtype=torch.bool)
+    for loss_fn, options in ((F.gld_loss, dict(k=3)), (F.uld_loss, {})):
+        assert_close(loss_fn(student, teacher, reduction="none", **options),
+                     loss_fn(student, teacher, teacher_mask=all_valid, reduction="none", **options),
+                     name=f"{loss_fn.__name__} of another length without masks")
 
 
 def test_batch_scope_is_one_graph():

@@ -8,16 +8,17 @@ from .closed_forms import sorted_gw1d, pad_to, sorted_degrees, sorted_l1
 from .degrees import degrees_from_kept, node_ids, topk_degrees
 from .graph import coactivation_graph, dense_graphs
 from .select import rank_order, row_logsumexp, select_topk, transform_values
-from .uld import aligned_rows, sorted_prob_l1, standardize
+from .uld import sorted_prob_l1, standardize, uld_probabilities
 
 __all__ = [
     "select_topk", "rank_order", "row_logsumexp", "transform_values",
     "node_ids", "degrees_from_kept", "topk_degrees",
     "coactivation_graph", "dense_graphs",
     "sorted_degrees", "pad_to", "sorted_l1", "sorted_gw1d",
-    "aligned_rows", "standardize", "sorted_prob_l1",
+    "standardize", "uld_probabilities", "sorted_prob_l1",
 ]
 
 # the always-available ``torch`` backend of every dispatched op
 dispatch.register("torch", "topk_degrees", topk_degrees)
 dispatch.register("torch", "sorted_gw1d", sorted_gw1d)
+dispatch.register("torch", "kept_degrees", degrees_from_kept)

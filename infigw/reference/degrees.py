@@ -58,7 +58,7 @@ def degrees_from_kept(kept_values, kept_ids, row_graph, num_graphs: int, num_nod
     contributions = values * values.sum(-1, keepdim=True)
     degrees = _scatter_per_graph(row_graph, slot_nodes, contributions, num_graphs, num_nodes)
     if norm == "mean":
-        rows = torch.bincount(row_graph.clamp_min(0), weights=(row_graph >= 0).to(values.dtype), minlength=num_graphs)
+        rows = values.new_zeros(num_graphs).index_add(0, row_graph.clamp_min(0), (row_graph >= 0).to(values.dtype))
         degrees = degrees / rows.clamp_min(1).unsqueeze(-1)
     touched = _scatter_per_graph(
         row_graph, slot_nodes, torch.ones_like(values), num_graphs, num_nodes

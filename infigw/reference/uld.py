@@ -1,26 +1,14 @@
-"""Token-level term: ULD (Boizard et al. 2024), the sorted-probability L1 between aligned positions."""
+"""Token-level term: ULD (Boizard et al. 2024), the sorted-probability L1 of two distributions (docs/math.md §7).
+
+The plain-torch definition of one pair of rows; the pairing of positions and the teacher weights are
+orchestrated in :mod:`infigw.uld`.
+"""
+from typing import Optional
+
 import torch
 
 from ..contract import compute_dtype
-
-
-def aligned_rows(student_valid: torch.Tensor, teacher_valid: torch.Tensor):
-    """Pair the i-th valid student position with the i-th valid teacher position of the same sequence.
-
-    Args:
-        student_valid: (B, T) bool; teacher_valid: (B, T') bool.
-    Returns:
-        (student_flat_rows, teacher_flat_rows, sequence) int64 vectors of equal length P (rows index the
-        flattened (B*T) and (B*T') positions), ordered by sequence then pair index.
-    """
-    student_rank = student_valid.long().cumsum(-1) - 1
-    teacher_rank = teacher_valid.long().cumsum(-1) - 1
-    pairs = torch.minimum(student_valid.sum(-1), teacher_valid.sum(-1)).unsqueeze(-1)
-    student_keep = (student_valid & (student_rank < pairs)).reshape(-1)
-    teacher_keep = (teacher_valid & (teacher_rank < pairs)).reshape(-1)
-    student_rows = student_keep.nonzero().squeeze(-1)
-    teacher_rows = teacher_keep.nonzero().squeeze(-1)
-    return student_rows, teacher_rows, student_rows // student_valid.shape[1]
+from .closed_forms import pad_to, sorted_l1
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -31,9 +19,24 @@ def standardize(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
+def uld_probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                      standardized: bool = False) -> torch.Tensor:
+    """(N, V) logits -> (N, V or top_k) probabilities: ``softmax(x / T)``, or with ``top_k=m`` the softmax of
+    the top-m logits (z-scored over the m with ``standardized``). Only their sorted values matter to ULD."""
+    logits = logits.to(compute_dtype(logits.dtype))
+    if top_k is not None:
+        logits = torch.topk(logits, top_k, dim=-1).values
+        if standardized:
+            logits = standardize(logits)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def padded_l1(p_sorted: torch.Tensor, q_sorted: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``sum_i |p_i - q_i|`` of two descending lists (N, Vp), (N, Vq), the shorter zero-padded."""
+    width = max(p_sorted.shape[-1], q_sorted.shape[-1])
+    return sorted_l1(pad_to(p_sorted, width), pad_to(q_sorted, width))
+
+
 def sorted_prob_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """sum_i |sort_desc(p)_i - sort_desc(q)_i| per row, the shorter vocabulary zero-padded. (P, Vp), (P, Vq) -> (P,)."""
-    width = max(p.shape[-1], q.shape[-1])
-    p_sorted = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
-    q_sorted = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[-1]))
-    return (p_sorted - q_sorted).abs().sum(-1)
+    """ULD of rows of two distributions (N, Vp), (N, Vq): ``sum_i |sort_desc(p)_i - sort_desc(q)_i|``."""
+    return padded_l1(p.sort(-1, descending=True).values, q.sort(-1, descending=True).values)

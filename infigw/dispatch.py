@@ -24,7 +24,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-OPS = ("topk_degrees", "sorted_gw1d")
+OPS = ("topk_degrees", "sorted_gw1d", "topk_summary")
 SHARED_OPS = ("kept_degrees",)
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
@@ -35,6 +35,7 @@ AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {op: ("cpp", "torch") for op in OPS},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
+        "topk_summary": ("cuda", "triton", "torch"),
         "sorted_gw1d": ("triton", "cuda", "torch"),
     },
 }

@@ -24,6 +24,7 @@ from .checks import (check_choice, check_count, check_k, check_logits, check_opt
                      check_same_device, check_temperature, valid_positions)
 from .contract import DISTANCES, NODES, NORMS, REDUCTIONS, SCOPES, VALUES, TopKDegrees, compute_dtype
 from .inputs import CallInputs, resolve
+from .summary import TopKSummary
 from .teacher import TopKRecord, check_records_serve
 from .weighting import pooled_weights
 
@@ -49,10 +50,11 @@ def _graph_rows(valid: torch.Tensor, scope: str):
 
 def _degrees(teacher_or_student, valid, *, k, values, nodes, graph_norm, scope, temperature, deterministic,
              backend):
-    """Degrees of dense logits (``topk_degrees``) or of a record's kept entries (``kept_degrees``), both
-    through :mod:`infigw.dispatch`; returns the degrees, the row -> graph map and the number of graphs."""
+    """Degrees of dense logits (``topk_degrees``) or of kept entries (``kept_degrees``: a record, a student
+    summary), both through :mod:`infigw.dispatch`; returns the degrees, the row -> graph map and the number of
+    graphs."""
     row_graph, num_graphs = _graph_rows(valid, scope)
-    if isinstance(teacher_or_student, TopKRecord):
+    if isinstance(teacher_or_student, (TopKRecord, TopKSummary)):
         kept_values, kept_ids = teacher_or_student.kept(k, values, temperature)
         kept_values = torch.where((row_graph >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
         num_nodes = teacher_or_student.vocab_size if nodes == "vocab" else k
@@ -73,11 +75,13 @@ def _has_rows(row_graph: torch.Tensor, num_graphs: int) -> torch.Tensor:
 
 
 def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_nodes, distance, temperature,
-              deterministic, backend):
-    """Per-teacher, per-graph GLD distances (S, G) and which of them are included (S, G)."""
+              deterministic, backend, student: Optional[TopKSummary] = None):
+    """Per-teacher, per-graph GLD distances (S, G) and which of them are included (S, G); the student is its
+    dense logits or, given, its :class:`~infigw.summary.TopKSummary`."""
     options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope, temperature=temperature,
                    deterministic=deterministic, backend=backend)
-    student, row_graph, num_graphs = _degrees(inputs.student, inputs.valid, **options)
+    student, row_graph, num_graphs = _degrees(inputs.student if student is None else student, inputs.valid,
+                                              **options)
     f, f_counts = reference.sorted_degrees(student.degrees, student.touched, num_nodes)
     student_present = _has_rows(row_graph, num_graphs)
     gw1d = dispatch.resolve("sorted_gw1d", backend, f.device)[1] if distance == "gw1d" else None

@@ -4,8 +4,8 @@ import torch
 
 from . import functional, uld
 from .checks import check_ids_in_range, check_number
-from .contract import compute_dtype
 from .inputs import CallInputs
+from .summary import summarize
 
 
 def check_factors(lam, gamma) -> None:
@@ -15,18 +15,11 @@ def check_factors(lam, gamma) -> None:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
 
 
-def token_cross_entropy(inputs: CallInputs, ignore_index: int) -> torch.Tensor:
-    """(B, T) cross-entropy of the student on its labels, 0 at invalid positions (fp32 math)."""
-    logits, valid, labels = inputs.student, inputs.valid, inputs.labels
-    vocab = logits.shape[-1]
-    check_ids_in_range(labels, valid, vocab,
+def check_labels(inputs: CallInputs, ignore_index: int) -> None:
+    """The cross-entropy's targets lie in the student vocabulary (a data check: one host sync)."""
+    vocab = inputs.student.shape[-1]
+    check_ids_in_range(inputs.labels, inputs.valid, vocab,
                        f"labels must be in [0, {vocab}) (the student vocabulary) or ignore_index={ignore_index}")
-    # masked rows are zeroed first so that -inf/NaN logits there (padding) give no NaN gradient
-    rows = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    targets = torch.where(valid, labels, torch.zeros_like(labels))
-    token_ce = torch.nn.functional.cross_entropy(rows.reshape(-1, vocab).to(compute_dtype(logits.dtype)),
-                                                 targets.reshape(-1), reduction="none").view(valid.shape)
-    return torch.where(valid, token_ce, torch.zeros_like(token_ce))
 
 
 def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str, gld_options: dict,
@@ -37,18 +30,23 @@ def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str,
     is per sequence and reduced over the included sequences like :func:`infigw.functional.gld_loss`.
     """
     batch = inputs.valid.shape[0]
-    num_teachers = len(inputs.teachers)
-    zeros = inputs.student.new_zeros((num_teachers, batch), dtype=torch.float32)
-    token_ce = token_cross_entropy(inputs, ignore_index) if lam != 1 else zeros.new_zeros(inputs.valid.shape)
+    zeros = inputs.student.new_zeros((len(inputs.teachers), batch), dtype=torch.float32)
     uld_terms, gld_terms, included = zeros, zeros, zeros.bool()
     weights, token_weights = zeros, None
     distill = zeros.new_zeros(batch)
+    graphs, top_k = lam != 0 and gamma != 0, uld_options["top_k"]
+    # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
+    summary_k = max(gld_options["k"] if graphs else 1, top_k or 1)
+    check_labels(inputs, ignore_index)
+    student = summarize(inputs.student, inputs.valid, summary_k, gld_options["temperature"], inputs.labels,
+                        gld_options["backend"])
+    token_ce = torch.where(inputs.valid, student.cross_entropy(), torch.zeros_like(student.lse))
     if lam != 0:
-        per_position = uld.terms(inputs, **uld_options)
+        per_position = uld.terms(inputs, **uld_options, student=student)
         uld_sum, uld_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
         distill = uld_sum
-        if gamma != 0:
-            gld_terms, gld_included = functional.gld_terms(inputs, **gld_options)
+        if graphs:
+            gld_terms, gld_included = functional.gld_terms(inputs, **gld_options, student=student)
             included = included | gld_included  # the same sets: both need valid positions on both sides
             distill = distill + gamma * (weights * gld_terms).sum(0)
     tokens = inputs.valid.sum(-1)

@@ -11,6 +11,7 @@ import torch
 
 from .checks import check_choice, check_k
 from .inputs import CallInputs
+from .summary import TopKSummary
 from .reference import uld_probabilities
 from .reference.uld import padded_l1
 from .teacher import TopKRecord, kept_width, teacher_name
@@ -44,14 +45,19 @@ def _record_probabilities(record: TopKRecord, rows, temperature, top_k, standard
 
 
 def terms(inputs: CallInputs, *, temperature: float, top_k: Optional[int], standardized: bool,
-          record_tail: str = "zeros") -> torch.Tensor:
-    """(S, B, T) ULD of each student position with its partner in teacher s (0 where it has none)."""
+          record_tail: str = "zeros", student: Optional[TopKSummary] = None) -> torch.Tensor:
+    """(S, B, T) ULD of each student position with its partner in teacher s (0 where it has none). The top-k
+    form may take the student's :class:`~infigw.summary.TopKSummary` (its k >= top_k) instead of its logits."""
     partners = inputs.partners
-    paired = (partners >= 0).any(0).reshape(-1)
-    student = inputs.student.reshape(-1, inputs.student.shape[-1])
-    # rows without a partner are zeroed first: -inf/NaN padding there must not reach the gradient as 0 * NaN
-    student = torch.where(paired.unsqueeze(-1), student, torch.zeros((), dtype=student.dtype, device=student.device))
-    p_sorted = uld_probabilities(student, temperature, top_k, standardized).sort(-1, descending=True).values
+    if student is not None and top_k is not None:
+        p = student.uld_probabilities(top_k, standardized, temperature)
+    else:
+        paired = (partners >= 0).any(0).reshape(-1, 1)
+        logits = inputs.student.reshape(-1, inputs.student.shape[-1])
+        # rows without a partner are zeroed first: -inf/NaN padding there must not reach the gradient as 0 * NaN
+        logits = torch.where(paired, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        p = uld_probabilities(logits, temperature, top_k, standardized)
+    p_sorted = p.sort(-1, descending=True).values
     out = []
     for teacher, partner in zip(inputs.teachers, partners):
         rows = partner.reshape(-1).clamp_min(0)

@@ -8,6 +8,7 @@ from .closed_forms import sorted_gw1d, pad_to, sorted_degrees, sorted_l1
 from .degrees import degrees_from_kept, node_ids, topk_degrees
 from .graph import coactivation_graph, dense_graphs
 from .select import rank_order, row_logsumexp, select_topk, transform_values
+from .summary import topk_summary
 from .uld import sorted_prob_l1, standardize, uld_probabilities
 
 __all__ = [
@@ -15,10 +16,11 @@ __all__ = [
     "node_ids", "degrees_from_kept", "topk_degrees",
     "coactivation_graph", "dense_graphs",
     "sorted_degrees", "pad_to", "sorted_l1", "sorted_gw1d",
-    "standardize", "uld_probabilities", "sorted_prob_l1",
+    "standardize", "uld_probabilities", "sorted_prob_l1", "topk_summary",
 ]
 
 # the always-available ``torch`` backend of every dispatched op
 dispatch.register("torch", "topk_degrees", topk_degrees)
 dispatch.register("torch", "sorted_gw1d", sorted_gw1d)
 dispatch.register("torch", "kept_degrees", degrees_from_kept)
+dispatch.register("torch", "topk_summary", topk_summary)

@@ -32,7 +32,7 @@ SHARED_OPS = ("kept_degrees",)
 # 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
 # kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "cpu": {op: ("cpp", "torch") for op in OPS},
+    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("torch",)},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
         "topk_summary": ("cuda", "triton", "torch"),

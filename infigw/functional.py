@@ -24,9 +24,8 @@ from .checks import (check_choice, check_count, check_k, check_logits, check_opt
                      check_same_device, check_temperature, valid_positions)
 from .contract import DISTANCES, NODES, NORMS, REDUCTIONS, SCOPES, VALUES, TopKDegrees, compute_dtype
 from .inputs import CallInputs, resolve
-from .summary import TopKSummary
+from .summary import TopKSummary, summarize
 from .teacher import TopKRecord, check_records_serve
-from .weighting import pooled_weights
 
 
 # ----------------------------------------------------------------------------------------------- GLD stages
@@ -99,15 +98,6 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
     return torch.stack(terms), torch.stack(included)
-
-
-def gld_weights(inputs: CallInputs, included: torch.Tensor, scope: str):
-    """(S, G) teacher weights of the GLD terms, and the (S, B, T) token weights at token granularity (else None):
-    one graph per sequence uses the token weights averaged over the sequence."""
-    if inputs.granularity == "token":
-        token_weights = inputs.weighting.per_position(inputs.partners)
-        return pooled_weights(token_weights, inputs.partners >= 0, scope), token_weights
-    return inputs.weighting.per_graph(included, scope), None
 
 
 def reduce(per_graph: torch.Tensor, included: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -265,7 +255,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     terms, included = gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
                                 num_nodes=num_nodes, distance=distance, temperature=temperature,
                                 deterministic=deterministic, backend=backend)
-    weights, token_weights = gld_weights(inputs, included, scope)
+    weights, token_weights = inputs.weighting.graph_weights(included, scope, inputs.granularity,
+                                                            lambda: inputs.partners)
     loss = reduce((weights * terms).sum(0), included.any(0), reduction)
     components = {"gld": terms.detach(), "weights": weights, "included": included}
     return _with_components(loss, components, token_weights, return_components)
@@ -341,11 +332,15 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     distilled, graphs = lam != 0, lam != 0 and gamma != 0
     check_records_serve(inputs.teachers, values=values if graphs else None, temperature=temperature,
                         exact_probs=distilled and (uld_top_k is None or (graphs and values == "probs")))
+    objective.check_labels(inputs, ignore_index)
+    # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
+    student = summarize(student_logits, inputs.valid, objective.summary_k(lam, gamma, k, uld_top_k), temperature,
+                        inputs.labels, backend)
+    per_position = uld.terms(inputs, temperature=temperature, top_k=uld_top_k, standardized=standardize,
+                             record_tail=record_tail, student=student) if distilled else None
     gld_options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope="sequence",
                        num_nodes=num_nodes, distance=distance, temperature=temperature, deterministic=deterministic,
                        backend=backend)
-    uld_options = dict(temperature=temperature, top_k=uld_top_k, standardized=standardize, record_tail=record_tail)
-    loss, components, token_weights = objective.infigfusion(inputs, lam=lam, gamma=gamma, reduction=reduction,
-                                                            gld_options=gld_options, uld_options=uld_options,
-                                                            ignore_index=ignore_index)
+    loss, components, token_weights = objective.infigfusion(inputs, student, per_position, lam=lam, gamma=gamma,
+                                                            reduction=reduction, gld_options=gld_options)
     return _with_components(loss, components, token_weights, return_components)

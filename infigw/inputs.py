@@ -2,7 +2,7 @@
 pairs of the token-level terms and the teacher weighting. Every public loss starts here, so each argument is
 validated in one place and the pairs are computed once per call (docs/math.md §1, §5, §7)."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 
@@ -44,11 +44,18 @@ def index_partners(student_valid: torch.Tensor, teacher_valid: torch.Tensor) -> 
     return torch.where(student_valid & (student_rank < pairs), partner, -1)
 
 
+class StudentSpec(NamedTuple):
+    """The shape (B, T, V) and device of a student whose logits are never formed (fused-linear, sharded)."""
+    shape: torch.Size
+    device: torch.device
+
+
 @dataclass
 class CallInputs:
     """What one call of a loss works on (built by :func:`resolve`)."""
 
-    student: torch.Tensor  # (B, T, V) logits
+    student: Optional[torch.Tensor]  # (B, T, V) logits, or None when they are never formed
+    vocab: int  # V of the student
     valid: torch.Tensor  # (B, T) bool
     labels: Optional[torch.Tensor]  # (B, T) int64, or None
     teachers: List[Teacher]
@@ -121,17 +128,19 @@ def _golds(rule, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
     return golds
 
 
-def resolve(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
+def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
             ignore_index: int = -100, k: int = 1, temperature: float = 1.0, teacher_weights=None,
             weight_temperature: float = 1.0, weight_granularity: str = "sequence",
             weight_k: Optional[int] = None) -> CallInputs:
     """Validate and resolve the arguments every loss shares (see :mod:`infigw.functional` for their meaning).
 
     Args:
+        student_logits: (B, T, V) logits, or a :class:`StudentSpec` for a student whose logits are never formed.
         k: entries each teacher must offer (GLD's k, ULD's top_k, or 1).
         weight_k: top-k of the entropy weights (default ``k``).
     """
-    check_logits(student_logits, "student_logits")
+    if not isinstance(student_logits, StudentSpec):
+        check_logits(student_logits, "student_logits")
     teachers = as_teacher_list(teacher_logits)
     check_temperature(temperature)
     rule = resolve_rule(teacher_weights, len(teachers))
@@ -154,6 +163,7 @@ def resolve(student_logits, teacher_logits, labels=None, *, mask=None, teacher_l
     entropy_k = k if weight_k is None else weight_k
     weighting = TeacherWeighting(rule, teachers, teacher_valids, golds, k=entropy_k, temperature=temperature,
                                  weight_temperature=weight_temperature)
-    return CallInputs(student_logits, valid, None if labels is None else labels.long(), teachers, teacher_valids,
-                      weighting, weight_granularity)
+    dense = None if isinstance(student_logits, StudentSpec) else student_logits
+    return CallInputs(dense, student_logits.shape[-1], valid, None if labels is None else labels.long(), teachers,
+                      teacher_valids, weighting, weight_granularity)
 

@@ -5,7 +5,7 @@ import torch
 from . import functional, uld
 from .checks import check_ids_in_range, check_number
 from .inputs import CallInputs
-from .summary import summarize
+from .summary import TopKSummary
 
 
 def check_factors(lam, gamma) -> None:
@@ -17,35 +17,35 @@ def check_factors(lam, gamma) -> None:
 
 def check_labels(inputs: CallInputs, ignore_index: int) -> None:
     """The cross-entropy's targets lie in the student vocabulary (a data check: one host sync)."""
-    vocab = inputs.student.shape[-1]
+    vocab = inputs.vocab
     check_ids_in_range(inputs.labels, inputs.valid, vocab,
                        f"labels must be in [0, {vocab}) (the student vocabulary) or ignore_index={ignore_index}")
 
 
-def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str, gld_options: dict,
-                uld_options: dict, ignore_index: int):
+def summary_k(lam: float, gamma: float, k: int, uld_top_k) -> int:
+    """How many entries per row the student's summary keeps: GLD's k and the top-k ULD's, when they run."""
+    return max(k if lam != 0 and gamma != 0 else 1, uld_top_k or 1)
+
+
+def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, lam: float, gamma: float,
+                reduction: str, gld_options: dict):
     """The objective's value, its components and the token weights (None at sequence granularity).
 
+    Args:
+        student: the student's summary (its k >= :func:`summary_k`): the cross-entropy and GLD come from it.
+        uld_per_position: the (S, B, T) ULD terms (:func:`infigw.uld.terms`), or None when ``lam`` is 0.
     CE: mean over valid tokens ("mean"), per-sequence means ("none"), or the sum ("sum"). The distillation part
     is per sequence and reduced over the included sequences like :func:`infigw.functional.gld_loss`.
     """
     batch = inputs.valid.shape[0]
-    zeros = inputs.student.new_zeros((len(inputs.teachers), batch), dtype=torch.float32)
+    zeros = student.lse.new_zeros((len(inputs.teachers), batch))
     uld_terms, gld_terms, included = zeros, zeros, zeros.bool()
     weights, token_weights = zeros, None
     distill = zeros.new_zeros(batch)
-    graphs, top_k = lam != 0 and gamma != 0, uld_options["top_k"]
-    # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
-    summary_k = max(gld_options["k"] if graphs else 1, top_k or 1)
-    check_labels(inputs, ignore_index)
-    student = summarize(inputs.student, inputs.valid, summary_k, gld_options["temperature"], inputs.labels,
-                        gld_options["backend"])
     token_ce = torch.where(inputs.valid, student.cross_entropy(), torch.zeros_like(student.lse))
     if lam != 0:
-        per_position = uld.terms(inputs, **uld_options, student=student)
-        uld_sum, uld_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
-        distill = uld_sum
-        if graphs:
+        distill, uld_terms, included, weights, token_weights = uld.weighted(uld_per_position, inputs)
+        if gamma != 0:
             gld_terms, gld_included = functional.gld_terms(inputs, **gld_options, student=student)
             included = included | gld_included  # the same sets: both need valid positions on both sides
             distill = distill + gamma * (weights * gld_terms).sum(0)

@@ -27,7 +27,7 @@ def check_options(inputs: CallInputs, top_k: Optional[int], standardized: bool, 
         if standardized:
             raise ValueError("standardize=True needs top_k (the z-score is taken over the top-k kept logits)")
         return
-    check_k(top_k, inputs.student.shape[-1], "top_k", "student vocabulary")
+    check_k(top_k, inputs.vocab, "top_k", "student vocabulary")
     for i, teacher in enumerate(inputs.teachers):
         check_k(top_k, kept_width(teacher), "top_k", f"{teacher_name(i, len(inputs.teachers))} kept/vocabulary")
 

@@ -192,6 +192,16 @@ class TeacherWeighting:
             return per_sequence
         return teacher_weights(self.rule, included, uncertainty, self.weight_temperature)
 
+    def graph_weights(self, included: torch.Tensor, scope: str, granularity: str, partners: Callable):
+        """(S, G) weights of per-graph terms, and the (S, B, T) token weights at token granularity (else None):
+        a graph then uses the token weights averaged over its covered positions. ``partners()`` gives the
+        (S, B, T) pairs (computed only when needed)."""
+        if granularity == "token":
+            pairs = partners()
+            token_weights = self.per_position(pairs)
+            return pooled_weights(token_weights, pairs >= 0, scope), token_weights
+        return self.per_graph(included, scope), None
+
     def per_position(self, partners: torch.Tensor) -> torch.Tensor:
         """(S, B, T) weights at the aligned student positions; ``partners`` (S, B, T) as :func:`at_partners`."""
         def uncertainty():

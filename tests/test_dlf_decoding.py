@@ -2,6 +2,9 @@
 skipped without transformers."""
 import logging
 import os
+import pathlib
+import re
+import subprocess
 import sys
 import warnings
 
@@ -371,6 +374,32 @@ def test_bad_arguments(models, prompt):
         dlf_generate(large, small, experts, ids, mask, max_new_tokens=1, backend="bogus")
     with pytest.raises(ValueError, match="input_ids must be a"):
         dlf_generate(large, small, experts, ids.float(), mask, max_new_tokens=2)
+
+
+def test_legacy_tuple_caches_are_refused_for_beam_search(models):
+    """Before transformers 4.48 some models return tuples, whose layout varies by model: beam search cannot
+    reorder them safely, so DLF says so."""
+    lm = decoding._IncrementalLM(models[1], use_cache=True)
+    lm.cache = ((torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8)),)
+    with pytest.raises(TypeError, match="returned a tuple cache, which DLF cannot reorder for beam search"):
+        lm.select_rows(torch.tensor([1, 1]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("INFIGW_OLDEST_TRANSFORMERS_PYTHON"),
+                    reason="set INFIGW_OLDEST_TRANSFORMERS_PYTHON to a python whose transformers is the [hf] lower bound")
+def test_oldest_transformers_the_extra_allows():
+    """This file's tests again, under the oldest transformers of setup.py's [hf] extra (an interpreter prepared
+    by hand, see docs/dlf.md: nothing is installed by the test)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    lowest = re.search(r'"transformers>=([0-9.]+)"', (root / "setup.py").read_text()).group(1)
+    python = os.environ["INFIGW_OLDEST_TRANSFORMERS_PYTHON"]
+    version = subprocess.run([python, "-c", "import transformers; print(transformers.__version__)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version.startswith(lowest), f"{python} has transformers {version}, the [hf] extra allows >= {lowest}"
+    run = subprocess.run([python, "-m", "pytest", __file__, "-q", "-m", "not slow", "-p", "no:cacheprovider"],
+                         cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):

@@ -139,8 +139,14 @@ class _IncrementalLM:
 
     def select_rows(self, source: torch.Tensor) -> None:
         """Row r continues row ``source[r]`` (beam search reordered the rows)."""
-        if self.cache is not None:
-            self.cache.reorder_cache(source)
+        if self.cache is None:
+            return
+        if not hasattr(self.cache, "reorder_cache"):  # a legacy tuple cache, whose layout varies by model
+            raise TypeError(
+                f"{type(self.model).__name__} returned a {type(self.cache).__name__} cache, which DLF cannot reorder "
+                "for beam search: use a model that returns a transformers Cache, or use_cache=False"
+            )
+        self.cache.reorder_cache(source)
 
 
 class DLFLogitsProcessor:

@@ -37,6 +37,18 @@ INTERPRET_SPLITS = 3
 
 
 @triton.jit
+def _online_tile(m, s, w, x, weights):
+    """Add one vocabulary tile to online softmax accumulators, row-wise: running max ``m`` (R,), ``s`` = Σe^{x−m}
+    (R,) and ``w`` (W,) = Σ e^{x−m}·weights, for x (R, BLOCK_V) and weights (W, BLOCK_V), W = R or R = 1. A row
+    that has seen only -inf (masked tokens) is shifted by 0, not -inf, so its entries give exp(-inf) = 0, not NaN."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - shift)
+    e = tl.exp(x - shift[:, None])
+    return m_new, s * scale + tl.sum(e, axis=1), w * scale + tl.sum(e * weights, axis=1)
+
+
+@triton.jit
 def _partial_kernel(
     L, S, E, A,
     stride_l, stride_s, stride_eb, stride_et,
@@ -53,7 +65,7 @@ def _partial_kernel(
     c_mask = c_ids < C
     t_ids = tl.arange(0, T_PAD)
     t_mask = t_ids < T
-    v_begin = split * (TILES * BLOCK_V)  # < V: every split starts with a valid lane, so Q's maxima are finite
+    v_begin = split * (TILES * BLOCK_V)  # < V: no split is empty
     l_row = L + row.to(tl.int64) * stride_l
     s_row = S + row.to(tl.int64) * stride_s
     e_row = E + row.to(tl.int64) * stride_eb
@@ -63,12 +75,12 @@ def _partial_kernel(
     cm = tl.full([C_BLOCK], neg_inf, tl.float32)
     cs = tl.zeros([C_BLOCK], tl.float32)
     cw = tl.zeros([C_BLOCK], tl.float32)
-    # P = softmax(L) and Q = softmax(S): shared max and sum, weighted sums of every Δ_t
-    pm = neg_inf
-    ps = 0.0
+    # P = softmax(L) and Q = softmax(S): one row each (shared max and sum), weighted sums of every Δ_t
+    pm = tl.full([1], neg_inf, tl.float32)
+    ps = tl.zeros([1], tl.float32)
     pw = tl.zeros([T_PAD], tl.float32)
-    qm = neg_inf
-    qs = 0.0
+    qm = tl.full([1], neg_inf, tl.float32)
+    qs = tl.zeros([1], tl.float32)
     qw = tl.zeros([T_PAD], tl.float32)
     # Q_t = softmax(S_t): one accumulator per expert (padded experts start at max 0 so they stay NaN-free)
     tm = tl.where(t_mask, neg_inf, 0.0)
@@ -87,28 +99,9 @@ def _partial_kernel(
         s_m = tl.where(v_mask, s, neg_inf)
         e_m = tl.where(tv_mask, e, neg_inf)
 
-        # P and the candidates may see only masked tokens (-inf) so far: shift by 0 then, not by -inf
-        pm_new = tl.maximum(pm, tl.max(l_m, axis=0))
-        p_shift = tl.where(pm_new == neg_inf, 0.0, pm_new)
-        p_scale = tl.exp(pm - p_shift)
-        p_exp = tl.exp(l_m - p_shift)
-        ps = ps * p_scale + tl.sum(p_exp, axis=0)
-        pw = pw * p_scale + tl.sum(p_exp[None, :] * delta, axis=1)
-        pm = pm_new
-
-        qm_new = tl.maximum(qm, tl.max(s_m, axis=0))
-        q_scale = tl.exp(qm - qm_new)
-        q_exp = tl.exp(s_m - qm_new)
-        qs = qs * q_scale + tl.sum(q_exp, axis=0)
-        qw = qw * q_scale + tl.sum(q_exp[None, :] * delta, axis=1)
-        qm = qm_new
-
-        tm_new = tl.maximum(tm, tl.max(e_m, axis=1))
-        t_scale = tl.exp(tm - tm_new)
-        t_exp = tl.exp(e_m - tm_new[:, None])
-        ts = ts * t_scale + tl.sum(t_exp, axis=1)
-        tw = tw * t_scale + tl.sum(t_exp * delta, axis=1)
-        tm = tm_new
+        pm, ps, pw = _online_tile(pm, ps, pw, l_m[None, :], delta)
+        qm, qs, qw = _online_tile(qm, qs, qw, s_m[None, :], delta)
+        tm, ts, tw = _online_tile(tm, ts, tw, e_m, delta)
 
         # D_c = Σ_t a_c[t] Δ_t, one expert row at a time (re-read from L1, not extracted from `delta`)
         d = tl.zeros([C_BLOCK, BLOCK_V], tl.float32)
@@ -116,14 +109,7 @@ def _partial_kernel(
             a_t = tl.load(A + c_ids * T + t, mask=c_mask, other=0.0)
             e_t = tl.load(e_row + t * stride_et + offs, mask=v_mask, other=0.0).to(tl.float32)
             d += a_t[:, None] * (e_t - s)[None, :]
-        x = l_m[None, :] + d
-        cm_new = tl.maximum(cm, tl.max(x, axis=1))
-        c_shift = tl.where(cm_new == neg_inf, 0.0, cm_new)
-        c_scale = tl.exp(cm - c_shift)
-        c_exp = tl.exp(x - c_shift[:, None])
-        cs = cs * c_scale + tl.sum(c_exp, axis=1)
-        cw = cw * c_scale + tl.sum(c_exp * d, axis=1)
-        cm = cm_new
+        cm, cs, cw = _online_tile(cm, cs, cw, l_m[None, :] + d, d)
 
     part = row.to(tl.int64) * n_split + split
     c_out = cand_part + part * 3 * C + c_ids
@@ -132,11 +118,12 @@ def _partial_kernel(
     tl.store(c_out + 2 * C, cw, mask=c_mask)
     first = cblk == 0  # row statistics: written once per (row, split)
     pq_out = part * (2 + T)
-    tl.store(p_part + pq_out, pm, mask=first)
-    tl.store(p_part + pq_out + 1, ps, mask=first)
+    one = tl.arange(0, 1)
+    tl.store(p_part + pq_out + one, pm, mask=first)
+    tl.store(p_part + pq_out + 1 + one, ps, mask=first)
     tl.store(p_part + pq_out + 2 + t_ids, pw, mask=t_mask & first)
-    tl.store(q_part + pq_out, qm, mask=first)
-    tl.store(q_part + pq_out + 1, qs, mask=first)
+    tl.store(q_part + pq_out + one, qm, mask=first)
+    tl.store(q_part + pq_out + 1 + one, qs, mask=first)
     tl.store(q_part + pq_out + 2 + t_ids, qw, mask=t_mask & first)
     qt_out = qt_part + part * 3 * T + t_ids
     tl.store(qt_out, tm, mask=t_mask & first)

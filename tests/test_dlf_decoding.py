@@ -89,6 +89,21 @@ def test_kv_cached_equals_uncached(models, prompt):
     assert bool((cached.alphas != 0).any()), "the default grid should pick some non-zero α on these models"
 
 
+def test_prompt_logits_are_not_computed(models, prompt):
+    """Only the last position's logits are used: the prefill must not compute length × vocabulary of them."""
+    large, small, experts = models
+    ids, mask = prompt
+    positions = []
+    hooks = [m.lm_head.register_forward_hook(lambda module, inputs, out: positions.append(out.shape[1]))
+             for m in (large, small, *experts)]
+    try:
+        dlf_generate(large, small, experts, ids, mask, max_new_tokens=2, backend=BACKEND)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert positions == [1] * 8, positions
+
+
 def test_processor_inside_hf_generate_matches_loop(models, prompt):
     large, small, experts = models
     ids, mask = prompt

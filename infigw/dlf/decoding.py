@@ -117,8 +117,12 @@ class _IncrementalLM:
     def __init__(self, model, use_cache: bool):
         self.model = model
         self.use_cache = use_cache
+        arguments = inspect.signature(model.forward).parameters
         # transformers 5.x names the cache argument and output field `cache`; older releases `past_key_values`
-        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_name = "cache" if "cache" in arguments else "past_key_values"
+        # only the last position's logits are used: where the model can, compute only those (a prompt's are
+        # length × vocabulary floats per row); the argument's name changed in transformers 4.50
+        self.last_only = {name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in arguments}
         self.cache = None
         self.seen = 0
 
@@ -131,6 +135,7 @@ class _IncrementalLM:
             position_ids=_position_ids(mask)[:, start:],
             use_cache=self.use_cache,
             **{self.cache_name: self.cache},
+            **self.last_only,
         )
         if self.use_cache:
             self.cache = getattr(out, self.cache_name)

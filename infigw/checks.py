@@ -36,8 +36,8 @@ def check_logits(logits, name: str, ndim: int = 3, layout: Optional[str] = None)
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {logits.dtype}")
     if logits.dim() != ndim:
-        axes = layout or ("(batch, positions, vocab)" if ndim == 3 else None)
-        raise ValueError(f"{name} must have {ndim} dimensions{f' {axes}' if axes else ''}, got shape {tuple(logits.shape)}")
+        expected = f"{ndim} dimensions {layout or ('(batch, positions, vocab)' if ndim == 3 else '')}".rstrip()
+        raise ValueError(f"{name} must have {expected}, got shape {tuple(logits.shape)}")
     if logits.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(logits.shape)}")
     return logits

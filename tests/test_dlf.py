@@ -243,8 +243,7 @@ def test_bad_inputs_raise_clear_errors(search):
 
 @pytest.mark.filterwarnings(NONFINITE_WARNING)
 @pytest.mark.parametrize("search", [dlf_reference, dlf_search] + [
-    pytest.param(lambda *args: dlf_search(*args, backend="triton"), id="triton",
-                 marks=[pytest.mark.triton_interpret, pytest.mark.skipif(not HAS_TRITON_TARGET, reason="no Triton target")])
+    pytest.param(lambda *args: dlf_search(*args, backend="triton"), id="triton", marks=BACKENDS[1].marks)
 ])
 def test_non_finite_inputs_name_the_tensor(search):
     large, small, experts = make_logits(3, 20, 2, device="cpu")

@@ -402,7 +402,7 @@ def test_legacy_tuple_caches_are_refused_for_beam_search(models):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("INFIGW_OLDEST_TRANSFORMERS_PYTHON"),
-                    reason="set INFIGW_OLDEST_TRANSFORMERS_PYTHON to a python whose transformers is the [hf] lower bound")
+                    reason="INFIGW_OLDEST_TRANSFORMERS_PYTHON: a python whose transformers is the [hf] lower bound")
 def test_oldest_transformers_the_extra_allows():
     """This file's tests again, under the oldest transformers of setup.py's [hf] extra (an interpreter prepared
     by hand, see docs/dlf.md: nothing is installed by the test)."""

@@ -56,6 +56,10 @@ def _position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _full_mask(prompt_mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The prompt mask extended by ones for every generated token (as ``generate`` does)."""
     generated = ids.shape[1] - prompt_mask.shape[1]
@@ -74,7 +78,7 @@ def _prompt_mask(mask, ids: torch.Tensor) -> torch.Tensor:
     if mask is None:
         raise ValueError(MASK_REQUIRED)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype.is_floating_point:
-        raise TypeError(f"attention_mask must be a (batch, length) bool or integer tensor, got {mask!r:.80}")
+        raise TypeError(f"attention_mask must be a (batch, length) bool or integer tensor, got {_describe(mask)}")
     rows, length = ids.shape
     if mask.shape[1] != length or mask.shape[0] == 0 or rows % mask.shape[0]:
         raise ValueError(
@@ -297,7 +301,7 @@ def dlf_generate(
     """
     _require_transformers()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a (batch, length) int64 tensor, got {input_ids!r:.80}")
+        raise ValueError(f"input_ids must be a (batch, length) int64 tensor, got {_describe(input_ids)}")
     check_count(max_new_tokens, "max_new_tokens")
     check_count(num_return_sequences, "num_return_sequences")
     if do_sample:
@@ -308,7 +312,8 @@ def dlf_generate(
     if eos_token_id is not None:
         if pad_token_id is None:
             raise ValueError("pad_token_id is required with eos_token_id (it fills finished sequences)")
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(eos_ids, device=input_ids.device)
     if attention_mask is None and pad_token_id is not None and not bool((input_ids == pad_token_id).any()):
         attention_mask = torch.ones_like(input_ids)
     mask = _prompt_mask(attention_mask, input_ids).repeat_interleave(num_return_sequences, dim=0)

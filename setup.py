@@ -100,7 +100,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
         "merge": ["safetensors", "tqdm"],
-        "hf": ["transformers"],
+        # 4.48: the first release whose Llama and GPT-2 return Cache objects, which beam search with DLF reorders
+        "hf": ["transformers>=4.48"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

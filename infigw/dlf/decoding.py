@@ -36,7 +36,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ..checks import check_count, check_positive
+from ..checks import check_count, check_temperature
 from .common import DEFAULT_GRID, candidate_alphas
 from .search import dlf_search
 
@@ -305,7 +305,7 @@ def dlf_generate(
     check_count(max_new_tokens, "max_new_tokens")
     check_count(num_return_sequences, "num_return_sequences")
     if do_sample:
-        check_positive(temperature, "temperature")
+        check_temperature(temperature)
     elif num_return_sequences > 1:
         raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy search returns one sequence)")
     eos = None

@@ -20,6 +20,8 @@ class TopKRecord:
             With it, probability-valued nodes are exact probabilities; without it, probabilities are renormalised
             over the k_t stored entries.
         temperature: the temperature the logsumexp was taken at; a loss at another temperature rejects the record.
+        kind: what ``values`` hold: ``"logits"`` (raw logits) or ``"logprobs"`` (log-probabilities over the full
+            vocabulary, as vLLM and DistillKit store them).
     """
 
     values: torch.Tensor
@@ -27,6 +29,7 @@ class TopKRecord:
     vocab_size: int
     logsumexp: Optional[torch.Tensor] = None
     temperature: float = 1.0
+    kind: str = "logits"
 
     @property
     def shape(self):

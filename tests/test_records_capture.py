@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import infigw.functional as F  # noqa: E402
 from infigw.reference import row_logsumexp, select_topk  # noqa: E402
 from infigw.records import RecordStoreError, collate, open_store, token_offsets  # noqa: E402
-from infigw.records.capture import capture, topk_records  # noqa: E402
+from infigw.records.capture import capture, logsumexp_, topk_records  # noqa: E402
 
 from .helpers import assert_close, tied_logits  # noqa: E402
 from .records_helpers import rows, save_teacher, write_jsonl  # noqa: E402
@@ -31,7 +31,8 @@ def teacher(tmp_path_factory):
 
 
 def model_records(model, token_ids, k):
-    """The model's own top-k (library tie rule) and logsumexp of an unpadded example, rows 0..T-2."""
+    """The model's own top-k (library tie rule) and logsumexp (the reference's) of an unpadded example, rows
+    0..T-2."""
     with torch.no_grad():
         logits = model(token_ids[None]).logits[0, :-1]
     values, ids = select_topk(logits, k)
@@ -70,12 +71,28 @@ def test_topk_records_follow_the_reference_tie_rule(k):
     with_nan = torch.randn(5, 10, generator=g)
     with_nan[1, 3] = float("nan")
     with_nan[2, :] = float("-inf")
-    cases += [with_nan, tied_logits(40, 10, levels=3, generator=g).bfloat16()]
+    inner_ties = torch.tensor([[1.0, 5, 0, 5, 5, 2, 4, 4, 3, 1]]).repeat(3, 1)  # ties inside the kept set
+    cases += [with_nan, tied_logits(40, 10, levels=3, generator=g).bfloat16(), inner_ties]
     for logits in cases:
         values, ids = topk_records(logits, k)
         expected_values, expected_ids = select_topk(logits, k)
         assert torch.equal(ids, expected_ids)
         assert torch.equal(values, expected_values) or torch.equal(values.isnan(), expected_values.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_capture_logsumexp_matches_the_reference(dtype, temperature):
+    logits = (torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 8).to(dtype)
+    logits[1] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, :40] = float("-inf")
+    logits[4] += 150  # beyond the range summed without the shift
+    expected = row_logsumexp(logits, temperature)
+    top = topk_records(logits, 1)[0]
+    for row_max in (None, top):  # found by the function, or the records' top-1 value
+        torch.testing.assert_close(logsumexp_(logits.clone(), temperature, row_max), expected, atol=1e-5,
+                                   rtol=1e-6, equal_nan=True)  # also -inf where the reference has -inf
 
 
 def test_round_trip_is_exact(teacher, tmp_path):
@@ -91,7 +108,7 @@ def test_round_trip_is_exact(teacher, tmp_path):
         example = store[i]
         values, ids, lse = model_records(model, example.token_ids, K)
         assert torch.equal(example.values, values) and torch.equal(example.indices, ids.int())
-        assert torch.equal(example.logsumexp, lse)
+        assert_close(example.logsumexp, lse, atol=1e-5, rtol=1e-6, name=f"logsumexp of example {i}")
         if "text" in row:
             expected_ids, expected_offsets = token_offsets(tokenizer, row["text"])
             assert (example.response_start, example.response_end) == (row["response_start"], None)

@@ -5,7 +5,8 @@
 
 Row t of an example is the top-k of the logits at input position t, i.e. of the distribution predicting token
 t+1 (the next-token convention), selected with the library's tie rule (:func:`infigw.reference.select_topk`:
-value descending, ties to the smaller id), with ``logsumexp(logits / temperature)`` over the full vocabulary.
+value descending, ties to the smaller id), with ``logsumexp(logits / temperature)`` over the full vocabulary
+(in fp32).
 
 Resumable: the store's manifests say which examples are done; a rerun with the same arguments skips them, and
 refuses to continue a store made from other data, another model or other options. Rank r of W takes the examples
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import rank_order, row_logsumexp, select_topk
+from ..reference import rank_order, select_topk
 from .store import StoreMetadata, StoreWriter, file_sha256, merge_index, tokenizer_identity
 from .text import iter_rows, render, token_offsets
 
@@ -35,19 +36,47 @@ def topk_records(logits: torch.Tensor, k: int):
     tie rule and result.
 
     One ``torch.topk`` of k + 1 entries settles every row whose k-th and (k+1)-th values differ (then the kept
-    set is unique and only its order needs the rule); rows with a tie at that boundary or a NaN go through the
-    reference. Synchronises with the host once (which rows need the reference).
+    set is unique); rows with ties inside it are put in rank order, and rows with a tie at the boundary or a NaN
+    go through the reference. Synchronises with the host (which rows need which fix-up).
     """
     vocab = logits.shape[-1]
     values, ids = torch.topk(logits, min(k + 1, vocab), dim=-1)
-    ambiguous = torch.isnan(values).any(-1)
+    boundary = torch.isnan(values).any(-1)
     if k < vocab:
-        ambiguous |= values[:, k - 1] == values[:, k]
-    ids = rank_order(values[:, :k], ids[:, :k])
-    if ambiguous.any():
-        rows = ambiguous.nonzero().squeeze(-1)
+        boundary |= values[:, k - 1] == values[:, k]
+    values, ids = values[:, :k], ids[:, :k]
+    tied = (values[:, 1:] == values[:, :-1]).any(-1) & ~boundary
+    if tied.any():
+        rows = tied.nonzero().squeeze(-1)
+        ids[rows] = rank_order(values[rows], ids[rows])
+    if boundary.any():
+        rows = boundary.nonzero().squeeze(-1)
         ids[rows] = select_topk(logits[rows], k)[1]
     return logits.gather(-1, ids), ids
+
+
+#: |row maximum| up to which exp(logits) can be summed unshifted: exp(64) * 2**24 entries stays far below the fp32
+#: maximum, and the largest term exp(-64) is a normal number, so the sum keeps its relative precision.
+_UNSHIFTED_RANGE = 64.0
+
+
+def logsumexp_(rows: torch.Tensor, temperature: float, row_max: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``logsumexp(rows / temperature)`` over the last dimension in fp32, overwriting fp32 ``rows`` (other dtypes
+    are converted first); equal to :func:`~infigw.reference.row_logsumexp` up to fp32 rounding.
+
+    An in-place exp and a sum, and no (N, V) temporary (``torch.logsumexp`` takes about 2x longer): the rows are
+    shifted by their maximum (and divided by the temperature) only where exp could overflow or underflow.
+    ``row_max`` (N, 1), e.g. the top-1 value of the records, saves the pass that finds the maximum.
+    """
+    work = rows if rows.dtype == torch.float32 else rows.float()
+    peak = work.amax(-1, keepdim=True) if row_max is None else row_max.float()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)) / temperature  # -inf/inf/NaN rows stay
+    if not bool((peak.abs() <= _UNSHIFTED_RANGE).all()) or temperature != 1:
+        work.sub_(peak * temperature)
+        if temperature != 1:
+            work.div_(temperature)
+        return peak.squeeze(-1) + work.exp_().sum(-1).log()
+    return work.exp_().sum(-1).log()
 
 
 def _distributed(rank: Optional[int], world_size: Optional[int]):
@@ -180,9 +209,9 @@ def capture(model, data, out, *, k: int, tokenizer=None, teacher: Optional[str] 
                 for row, (index, ids, offsets, source) in enumerate(batch):
                     rows = logits[row, : len(ids) - 1]
                     values, top_ids = topk_records(rows, k)
-                    writer.add(index, ids, offsets, values.cpu(), top_ids.cpu(),
-                               row_logsumexp(rows, temperature).cpu(), response_start=source.response_start,
-                               response_end=source.response_end)
+                    logsumexp = logsumexp_(rows, temperature, values[:, :1])  # consumes this example's logits
+                    writer.add(index, ids, offsets, values.cpu(), top_ids.cpu(), logsumexp.cpu(),
+                               response_start=source.response_start, response_end=source.response_end)
                     handed += 1
                     if exit_after and handed >= exit_after:
                         os._exit(3)

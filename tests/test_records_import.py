@@ -14,6 +14,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("transformers")
 
 from infigw.records import import_distillkit, import_vllm, open_store, token_offsets  # noqa: E402
+from infigw.records.__main__ import main  # noqa: E402
 
 from .records_helpers import CORPUS, bpe_tokenizer  # noqa: E402
 
@@ -120,6 +121,11 @@ def test_distillkit_import(tokenizer, tmp_path, name):
         assert not example.logsumexp.any()
         assert example.offsets.tolist() == token_offsets(tokenizer, text)[1].tolist()
     assert import_distillkit(data, tmp_path / "store", tokenizer=tokenizer, teacher="dk-teacher")["examples"] == 0
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert main(["import-distillkit", str(data), "--tokenizer", str(tmp_path / "tokenizer"), "--out",
+                 str(tmp_path / "cli")]) == 0
+    from_cli = open_store(tmp_path / "cli", tokenizer=tokenizer)
+    assert all(torch.equal(from_cli[i].values, store[i].values) for i in range(len(CORPUS)))
 
 
 def test_distillkit_errors(tokenizer, tmp_path):
@@ -190,7 +196,11 @@ def test_vllm_import_objects_and_server_json(tokenizer, tmp_path):
             f.write(json.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": "", "prompt_logprobs": positions,
                                                              "prompt_token_ids": output.prompt_token_ids}]}) + "\n")
     import_vllm(tmp_path / "responses.jsonl", tmp_path / "json", tokenizer=tokenizer, k=k, teacher="served")
-    for store in (open_store(tmp_path / "objects", tokenizer=tokenizer), open_store(tmp_path / "json")):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert main(["import-vllm", str(tmp_path / "responses.jsonl"), "--tokenizer", str(tmp_path / "tokenizer"),
+                 "--k", str(k), "--out", str(tmp_path / "cli")]) == 0
+    stores = [open_store(tmp_path / name, tokenizer=tokenizer) for name in ("objects", "json", "cli")]
+    for store in stores:
         assert store.metadata.kind == "logprobs" and store.metadata.vocab_size == vocab
         for i, (ids, offsets, rows) in enumerate(expected):
             example = store[i]

@@ -99,8 +99,11 @@ def test_resume_refuses_other_configuration(tmp_path):
     fill(tmp_path, metadata(), [3])
     with pytest.raises(RecordStoreError, match=r"another configuration.*k: 4 != 8"):
         StoreWriter(tmp_path, metadata(k=8))
-    writer = StoreWriter(tmp_path, metadata())
-    assert writer.done == {0}
+    with StoreWriter(tmp_path, metadata()) as writer:
+        assert writer.done == {0}
+        with pytest.raises(RecordStoreError, match="another writer of rank 0 has .* open"):
+            StoreWriter(tmp_path, metadata())
+    StoreWriter(tmp_path, metadata()).close()  # free again once the first is closed
 
 
 def test_ranks_write_apart_and_merge_into_one_index(tmp_path):
@@ -137,6 +140,7 @@ def test_kill_before_manifest_update_adopts_the_shard(tmp_path, monkeypatch):
         for i in (2, 3):
             writer.add(i, *make_example(i, 3, meta))
     monkeypatch.undo()
+    del writer  # the killed process: its lock goes with it
     (tmp_path / "shards" / "r00000-000009.arrow.tmp").write_bytes(b"half a shard")  # killed mid-write
     assert open_store(tmp_path).indices.tolist() == [0, 1]  # readers only see manifest-listed shards
     resumed = StoreWriter(tmp_path, meta)
@@ -262,3 +266,15 @@ def test_manifest_is_replaced_atomically(tmp_path):
     assert [s["examples"] for s in part["shards"]] == [[0], [1], [2]]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert store_module.FORMAT_VERSION == json.loads((tmp_path / "meta.json").read_text())["format_version"]
+
+
+def test_command_line_info_and_merge(tmp_path, capsys):
+    from infigw.records.__main__ import main
+
+    fill(tmp_path, metadata(), [3, 4], rank=2)
+    assert main(["merge-index", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"examples": 2, "shards": 1, "tokens": 7}
+    assert main(["info", str(tmp_path), "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["examples"], info["tokens"], info["verified_shards"]) == (2, 7, 1)
+    assert info["metadata"]["k"] == 4 and info["bytes_per_token"] > 0

@@ -98,6 +98,8 @@ def _distributed(rank: Optional[int], world_size: Optional[int]):
 def _load(model, tokenizer, dtype: torch.dtype, device):
     import transformers
 
+    if tokenizer is None and not isinstance(model, (str, Path)):
+        raise ValueError("tokenizer is needed (a path or a tokenizer) when model is a loaded model, not a path")
     if isinstance(tokenizer, (str, Path)) or tokenizer is None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer if tokenizer is not None else model))
     model_path = None
@@ -148,8 +150,8 @@ def capture(model, data, out, *, k: int, tokenizer=None, teacher: Optional[str] 
     """Run ``model`` over ``data`` and append its top-k records to the store ``out``.
 
     Args:
-        model: a causal LM (path for ``AutoModelForCausalLM``, or a loaded model). tokenizer: path or tokenizer
-            (default: the model's path).
+        model: a causal LM (path for ``AutoModelForCausalLM``, or a loaded model, which is moved to ``device`` and
+            ``dtype``). tokenizer: path or tokenizer (default: the model's path).
         data: JSONL or Parquet rows, ``{"text", "response_start"?, "response_end"?}`` or ``{"messages"}``.
         out: the store directory. k: entries kept per position. teacher: its name (default the model path).
         batch_size: examples per forward; examples are sorted by length within windows of ``sort_window``.

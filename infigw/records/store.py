@@ -183,10 +183,11 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes):
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+def atomic_write(path: Path, data: bytes, tmp_name: Optional[str] = None):
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one (written to
+    ``tmp_name``, default a unique hidden name, fsynced, then renamed)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -392,7 +393,9 @@ def _load_index(root: Path) -> Dict[str, dict]:
         if not isinstance(entries, list):
             raise RecordStoreError(f"{path} is not a manifest (no 'shards' list)")
         for entry in entries:
-            known = shards.get(entry.get("file"))
+            if not isinstance(entry, dict) or not {"file", "bytes", "sha256", "examples", "rows"} <= set(entry):
+                raise RecordStoreError(f"{path} has a malformed shard entry: {str(entry)[:200]}")
+            known = shards.get(entry["file"])
             if known is not None and known != entry:
                 raise RecordStoreError(f"shard {entry.get('file')!r} is listed differently in two manifests")
             shards[entry["file"]] = entry
@@ -441,7 +444,7 @@ def _adopt_orphans(root: Path, shards: Dict[str, dict], rank: Optional[int]) -> 
             continue
         try:
             entry = _read_shard_entry(path)
-        except (OSError, KeyError, ValueError, _pyarrow().ArrowException):
+        except (OSError, KeyError, TypeError, ValueError, _pyarrow().ArrowException):
             path.unlink()  # renamed only after fsync, so this is foreign or damaged: its examples are redone
             continue
         if indexed.isdisjoint(entry["examples"]):
@@ -475,6 +478,22 @@ def merge_index(path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- writer
+def _lock_rank(root: Path, rank: int):
+    """Hold an exclusive lock for the writer of ``rank`` (released when the file closes or the process dies):
+    two writers of one rank would overwrite each other's manifest."""
+    handle = open(root / f".lock-r{rank:05d}", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - no POSIX locks (Windows): one writer per rank is up to the caller
+        pass
+    except OSError:
+        handle.close()
+        raise RecordStoreError(f"another writer of rank {rank} has {root} open; wait for it, or use another rank")
+    return handle
+
+
 class StoreWriter:
     """Append examples to a store; one writer per rank, any number of ranks at once.
 
@@ -495,6 +514,7 @@ class StoreWriter:
         self.rank = rank
         self.shard_examples = shard_examples
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_rank(self.root, rank)
         meta_path = self.root / "meta.json"
         if meta_path.exists():
             stored = StoreMetadata.from_json(meta_path.read_text(), str(meta_path))
@@ -544,14 +564,7 @@ class StoreWriter:
             for batch, custom in self._pending:
                 writer.write_batch(batch, custom_metadata=custom)
         data = sink.getvalue().to_pybytes()
-        final = self.root / "shards" / name
-        tmp = final.with_name(name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        atomic_write(self.root / "shards" / name, data, tmp_name=name + ".tmp")  # a leftover .tmp is removed later
         self._entries.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                               "examples": [int(c["example"]) for _, c in self._pending],
                               "rows": [b.num_rows for b, _ in self._pending]})
@@ -564,7 +577,9 @@ class StoreWriter:
         atomic_write(self._part_path, json.dumps({"shards": self._entries}).encode())
 
     def close(self):
+        """Commit what is buffered and let another writer of this rank open the store."""
         self.flush()
+        self._lock.close()
 
     def __enter__(self):
         return self

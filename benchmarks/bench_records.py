@@ -66,7 +66,7 @@ def size_table(tokens: int, lengths, vocabs, k: int = 16):
     text = repository_text()
     tokenizer = train_tokenizer(text, 8000)
     token_ids, offsets = token_offsets(tokenizer, text)
-    lines = ["| V | tokens per example | compression | bytes / token | of which raw arrays |",
+    lines = ["| V | tokens per example | compression | bytes / token | the arrays alone, uncompressed |",
              "|---:|---:|---|---:|---:|"]
     for vocab in vocabs:
         values, ids, lse = topk_rows(tokens, vocab, k)

@@ -248,6 +248,16 @@ def test_collate_response_mask(tmp_path):
     assert batch.response_mask().tolist() == [[False, False, True, False, False, False]]
 
 
+def test_store_pickles_for_dataloader_workers(tmp_path):
+    import pickle
+
+    written = fill(tmp_path, metadata(), [3, 4])
+    store = open_store(tmp_path)
+    store[0]  # opens a shard reader, which cannot be pickled
+    copy = pickle.loads(pickle.dumps(store))
+    assert torch.equal(copy[1].token_ids, written[1][0])
+
+
 def test_uncompressed_reads_are_memory_mapped(tmp_path, monkeypatch):
     """Reading one example maps the shard instead of reading it into memory."""
     import pyarrow

@@ -226,7 +226,7 @@ def _join_ids(low: np.ndarray, high: Optional[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ examples
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Example:
     """One example's records, read from a store (tensors on the CPU).
 
@@ -613,6 +613,12 @@ class RecordStore(Sequence):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __getstate__(self):
+        """Picklable (DataLoader workers): open shard readers are not carried over, each process maps its own."""
+        state = self.__dict__.copy()
+        state["_readers"] = collections.OrderedDict()
+        return state
 
     @property
     def num_tokens(self) -> int:

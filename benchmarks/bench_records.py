@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from infigw.reference import row_logsumexp, sorted_prob_l1
@@ -184,17 +183,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["size", "throughput", "uld"], action="append",
+                        help="run only these parts (repeatable; default all)")
     args = parser.parse_args()
-    quick = args.quick
+    quick, parts = args.quick, args.only or ["size", "throughput", "uld"]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print("\n## Size (k = 16, fp16 values)\n")
-    print(size_table(tokens=512 if quick else 4096, lengths=(128, 512) if quick else (128, 1024),
-                     vocabs=(32000,) if quick else (32000, 151936)))
-    print("\n## Capture throughput (CPU, tiny Llama, k = 16, fp32 model, fp16 values, zstd)\n")
-    print(throughput_table(examples=8 if quick else 64, chars=1000, batch_size=8, repeats=1 if quick else args.repeats))
-    print("\n## ULD from top-10 records vs dense logits (mean over positions; relative to dense)\n")
-    print(uld_tail_table(batch=2 if quick else 4, seq_len=64 if quick else 256, vocab=32000))
+    if "size" in parts:
+        print("\n## Size (k = 16, fp16 values)\n")
+        print(size_table(tokens=512 if quick else 4096, lengths=(128, 512) if quick else (128, 1024),
+                         vocabs=(32000,) if quick else (32000, 151936)))
+    if "throughput" in parts:
+        print("\n## Capture throughput (CPU, tiny Llama, k = 16, fp32 model, fp16 values, zstd)\n")
+        print(throughput_table(examples=8 if quick else 64, chars=1000, batch_size=8,
+                               repeats=1 if quick else args.repeats))
+    if "uld" in parts:
+        print("\n## ULD from top-10 records vs dense logits (mean over positions; relative to dense)\n")
+        print(uld_tail_table(batch=2, seq_len=64 if quick else 256, vocab=32000))
 
 
 if __name__ == "__main__":

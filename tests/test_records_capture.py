@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import infigw.functional as F  # noqa: E402
 from infigw.reference import row_logsumexp, select_topk  # noqa: E402
-from infigw.records import RecordStoreError, collate, open_store, token_offsets  # noqa: E402
+from infigw.records import RecordStoreError, open_store, token_offsets  # noqa: E402
 from infigw.records.capture import capture, logsumexp_, topk_records  # noqa: E402
 
 from .helpers import assert_close, tied_logits  # noqa: E402

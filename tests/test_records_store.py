@@ -111,6 +111,9 @@ def test_ranks_write_apart_and_merge_into_one_index(tmp_path):
     fill(tmp_path, meta, [2, 5, 6], rank=1, first=2)
     assert sorted(p.name for p in tmp_path.glob("manifest*")) == ["manifest-r00000.json", "manifest-r00001.json"]
     assert open_store(tmp_path).indices.tolist() == [0, 1, 2, 3, 4]
+    with StoreWriter(tmp_path, meta, rank=1):
+        with pytest.raises(RecordStoreError, match="another writer of rank 1"):
+            merge_index(tmp_path)
     assert merge_index(tmp_path) == {"examples": 5, "shards": 3, "tokens": 3 + 4 + 2 + 5 + 6}
     assert [p.name for p in tmp_path.glob("manifest*")] == ["manifest.json"]
     assert open_store(tmp_path).indices.tolist() == [0, 1, 2, 3, 4]

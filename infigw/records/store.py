@@ -458,21 +458,26 @@ def _adopt_orphans(root: Path, shards: Dict[str, dict], rank: Optional[int]) -> 
 def merge_index(path) -> dict:
     """Merge every manifest part (and any complete shard no manifest lists) into one ``manifest.json``.
 
-    Run it when no writer is active (``capture`` does, on rank 0, after all ranks finished). Returns
+    Refused while a writer is active (``capture`` merges on rank 0 after all ranks finished). Returns
     ``{"examples": n, "shards": m, "tokens": t}``. Raises :class:`RecordStoreError` if an example is stored twice.
     """
     root = Path(path)
     if not (root / "meta.json").exists():
         raise RecordStoreError(f"{root} is not a record store (no meta.json)")
-    shards = _load_index(root)
-    for entry in _adopt_orphans(root, shards, rank=None):
-        shards[entry["file"]] = entry
-    examples = _indexed_examples(shards)
-    parts = [p for p in _manifest_paths(root) if p.name != "manifest.json"]
-    atomic_write(root / "manifest.json", json.dumps({"shards": [shards[n] for n in sorted(shards)]}).encode())
-    for part in parts:  # a kill here only leaves redundant entries, which readers merge
-        part.unlink()
-    _fsync_dir(root)
+    locks = [_lock_rank(root, int(p.name[len(".lock-r"):])) for p in sorted(root.glob(".lock-r*"))]
+    try:  # holding every rank's lock: no writer can commit meanwhile
+        shards = _load_index(root)
+        for entry in _adopt_orphans(root, shards, rank=None):
+            shards[entry["file"]] = entry
+        examples = _indexed_examples(shards)
+        parts = [p for p in _manifest_paths(root) if p.name != "manifest.json"]
+        atomic_write(root / "manifest.json", json.dumps({"shards": [shards[n] for n in sorted(shards)]}).encode())
+        for part in parts:  # a kill here only leaves redundant entries, which readers merge
+            part.unlink()
+        _fsync_dir(root)
+    finally:
+        for lock in locks:
+            lock.close()
     return {"examples": len(examples), "shards": len(shards),
             "tokens": sum(rows + 1 for _, _, rows in examples.values())}
 

@@ -104,7 +104,8 @@ class StoreMetadata:
             raise ValueError(f"teacher must be a non-empty string, got {self.teacher!r}")
         if not isinstance(self.tokenizer_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_hash):
             raise ValueError(f"tokenizer_hash must be a sha256 hex digest, got {self.tokenizer_hash!r}")
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or not 1 <= self.vocab_size <= MAX_VOCAB:
+        vocab = self.vocab_size
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= MAX_VOCAB:
             raise ValueError(f"vocab_size must be an int in [1, {MAX_VOCAB}], got {self.vocab_size!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"k must be an int in [1, vocab_size={self.vocab_size}], got {self.k!r}")
@@ -115,7 +116,8 @@ class StoreMetadata:
             if value not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         if self.convention != CONVENTION:
-            raise RecordStoreError(f"unknown position convention {self.convention!r} (this infigw reads {CONVENTION!r})")
+            raise RecordStoreError(f"unknown position convention {self.convention!r} "
+                                   f"(this infigw reads {CONVENTION!r})")
         if self.format_version != FORMAT_VERSION:
             raise RecordStoreError(f"store format version {self.format_version} is not supported "
                                    f"(this infigw reads version {FORMAT_VERSION})")

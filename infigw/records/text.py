@@ -58,7 +58,8 @@ def token_offsets(tokenizer, text: str, *, add_special_tokens: bool = True,
     the kind that reports offsets.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"token offsets need a fast tokenizer (PreTrainedTokenizerFast); got {type(tokenizer).__name__}")
+        raise TypeError(f"token offsets need a fast tokenizer (PreTrainedTokenizerFast); "
+                        f"got {type(tokenizer).__name__}")
     encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
                          truncation=max_length is not None, max_length=max_length)
     ids = np.asarray(encoding["input_ids"], dtype=np.int64).reshape(-1)

@@ -8,7 +8,7 @@
 - :func:`token_offsets`, :func:`offset_pairs`, :func:`offset_match`, :func:`response_mask` pair student and
   teacher positions through the characters of their target tokens.
 """
-from .align import offset_match, offset_pairs, response_mask
+from ..alignment import offset_match, offset_pairs, response_mask
 from .collate import RecordBatch, collate
 from .importers import import_distillkit, import_vllm
 from .store import (Example, RecordStore, RecordStoreError, StoreMetadata, StoreWriter, TokenizerMismatchError,

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..teacher import TopKRecord
-from .align import response_mask
+from ..alignment import response_mask
 from .store import Example
 
 

@@ -80,8 +80,8 @@ def offset_pairs(student_offsets: torch.Tensor, student_valid: torch.Tensor, tea
     """Aligned (student_rows, teacher_rows) by target-token start character (see :func:`offset_match`).
 
     Returns two int64 vectors of equal length P: flat row indices into the (B*T) student and (B*T') teacher
-    positions, ordered by sequence then student position, as :func:`infigw.reference.aligned_rows` orders its
-    pairs. Positions without a partner are left out. Selecting the pairs synchronises with the host once.
+    positions, ordered by sequence then student position. Positions without a partner are left out. Selecting
+    the pairs synchronises with the host once (the losses use :func:`offset_match`, which does not).
     """
     match = offset_match(student_offsets, student_valid, teacher_offsets, teacher_valid)
     paired = match.reshape(-1) >= 0

@@ -36,8 +36,7 @@ class MagnitudeSelector:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.high = torch.zeros(_HI_BINS, dtype=torch.int64, device=device)
-        self.low = torch.zeros(_LO_BINS, dtype=torch.int64, device=device)
-        self.low_sums = None
+        self.low = self.low_sums = None
         self.above_bucket_sum = 0.0
         self.bucket = -1
         self.rank_in_bucket = 0
@@ -47,7 +46,7 @@ class MagnitudeSelector:
         return values.reshape(-1).view(torch.int32)
 
     def add_high(self, values: torch.Tensor) -> None:
-        self.high += torch.bincount(self._bits(values) >> 16, minlength=_HI_BINS)
+        _accumulate(self.high, self._bits(values) >> 16)
 
     def has_non_finite(self) -> bool:
         """Whether any value seen by :meth:`add_high` was inf or NaN (exponent bits all ones)."""
@@ -56,15 +55,17 @@ class MagnitudeSelector:
     @staticmethod
     def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
         """Bin holding the k-th largest entry and the entry's rank (1-based) inside that bin."""
-        at_or_above = hist.flip(0).cumsum(0).flip(0)  # at_or_above[b] = count of entries in bins >= b
-        index = int((at_or_above >= k).nonzero().max())
-        above = int(at_or_above[index + 1]) if index + 1 < hist.numel() else 0
-        return index, k - above
+        cumulative = hist.cumsum(0)
+        total = int(cumulative[-1])
+        # the highest bin b with (entries in bins >= b) >= k, i.e. (entries below b) = cumulative[b-1] <= total - k
+        index = int(torch.searchsorted(cumulative, torch.tensor([total - k], device=hist.device), right=True))
+        return index, k - (total - int(cumulative[index]))
 
     def choose_bucket(self, k: int, track_sums: bool = False) -> None:
         self.bucket, self.rank_in_bucket = self._kth_from_top(self.high, k)
+        self.low = torch.zeros(_LO_BINS, dtype=torch.int64, device=self.high.device)
         if track_sums:
-            self.low_sums = torch.zeros(_LO_BINS, dtype=torch.float64, device=self.low.device)
+            self.low_sums = torch.zeros(_LO_BINS, dtype=torch.float64, device=self.high.device)
         self._count_above_bucket = int(self.high[self.bucket + 1 :].sum())
 
     def _bucket_bounds(self) -> tuple[float, float]:
@@ -76,9 +77,9 @@ class MagnitudeSelector:
         low, high = self._bucket_bounds()
         inside = (values >= low).logical_and_(values < high)
         bins = values.view(torch.int32)[inside] & 0xFFFF
-        self.low += torch.bincount(bins, minlength=_LO_BINS)
+        _accumulate(self.low, bins)
         if self.low_sums is not None:
-            self.low_sums += torch.bincount(bins, weights=values[inside].double(), minlength=_LO_BINS)
+            _accumulate(self.low_sums, bins, values[inside].double())
             self.above_bucket_sum += float(values[values >= high].double().sum())
 
     def threshold(self) -> float:
@@ -92,6 +93,16 @@ class MagnitudeSelector:
     def sum_above(self) -> float:
         """fp64 sum of the entries strictly above :meth:`threshold` (needs ``track_sums``)."""
         return self.above_bucket_sum + float(self.low_sums[self._low_bin + 1 :].sum())
+
+
+def _accumulate(hist: torch.Tensor, bins: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """``hist[bins] += weights (or 1)``: a scatter for chunks much smaller than the histogram (a bincount would
+    allocate and add the whole histogram per chunk), a bincount otherwise."""
+    bins = bins.long()
+    if bins.numel() * 8 < hist.numel():
+        hist.index_add_(0, bins, torch.ones_like(bins) if weights is None else weights)
+    else:
+        hist += torch.bincount(bins, weights=weights, minlength=hist.numel())
 
 
 def _bits_to_float(bits: int) -> float:

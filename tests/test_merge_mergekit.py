@@ -25,6 +25,8 @@ from infigw.merge.__main__ import main as cli_main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MERGEKIT_PYTHON = Path(os.environ.get("INFIGW_MERGEKIT_PYTHON") or ROOT / ".venv-mergekit" / "bin" / "python")
 
+if os.environ.get("INFIGW_DISABLE_EXTENSION") == "1":  # tests/run.sh stage 2: merging never uses the extension
+    pytest.skip("runs once, in the stage with the extension", allow_module_level=True)
 if not MERGEKIT_PYTHON.exists():
     if os.environ.get("INFIGW_REQUIRE_MERGEKIT") == "1":
         pytest.fail(f"INFIGW_REQUIRE_MERGEKIT=1 but {MERGEKIT_PYTHON} does not exist", pytrace=False)

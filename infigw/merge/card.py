@@ -31,17 +31,18 @@ def config_yaml(
     dtype: torch.dtype | None,
     out_dtype: torch.dtype | None,
     seed: int,
+    note: str = "",
 ) -> str:
-    """A mergekit-style YAML config equivalent to this merge (``python -m infigw.merge`` runs it again)."""
+    """A mergekit-style YAML config equivalent to this merge (``python -m infigw.merge`` runs it again);
+    ``note`` adds a comment line."""
     import yaml
 
     described = getattr(method, "config", None)
     if described is None:
         name, per_model, shared = method.name, [{} for _ in models], {}
-        note = "# custom merge method object: its parameters are not recorded here\n"
+        note += "\n# custom merge method object: its parameters are not recorded here"
     else:
         name, per_model, shared = described(len(models))
-        note = ""
     config = {"merge_method": name, "base_model": str(base),
               "models": [{"model": str(m), **({"parameters": p} if p else {})} for m, p in zip(models, per_model)]}
     if shared:
@@ -52,7 +53,8 @@ def config_yaml(
         config["out_dtype"] = _dtype_name(out_dtype)
     header = (f"# written by infigw.merge; reproduce with: python -m infigw.merge mergekit_config.yml OUT "
               f"--random-seed {seed}\n")
-    return header + note + yaml.safe_dump(config, sort_keys=False)
+    return header + "".join(f"# {line}\n" for line in note.strip().splitlines()) + yaml.safe_dump(
+        config, sort_keys=False)
 
 
 def model_card(

@@ -26,8 +26,10 @@ __all__ = ["MergeConfig", "load_config", "run_config", "parse_kmb"]
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _UNSUPPORTED_TOP = {
-    "slices": "layer slices", "modules": "per-module definitions", "tokenizer": "tokenizer surgery",
-    "chat_template": "chat template selection",
+    "slices": "layer slices are not supported by infigw.merge (use 'models')",
+    "modules": "per-module definitions are not supported by infigw.merge (use 'models')",
+    "tokenizer": "tokenizer surgery is not supported by infigw.merge (the base's tokenizer is copied)",
+    "chat_template": "chat template selection is not supported by infigw.merge (the base's files are copied)",
 }
 _MERGEKIT_ONLY = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "model_stock",
                   "karcher", "slerp", "nuslerp", "multislerp", "nearswap", "arcee_fusion", "passthrough"}
@@ -178,7 +180,7 @@ def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
         raise ValueError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     for key in raw:
         if key in _UNSUPPORTED_TOP:
-            raise ValueError(f"{key}: {_UNSUPPORTED_TOP[key]} are not supported by infigw.merge (use 'models')")
+            raise ValueError(f"{key}: {_UNSUPPORTED_TOP[key]}")
         if key not in _TOP_KEYS:
             raise ValueError(f"{key}: unknown config key (accepted: {', '.join(sorted(_TOP_KEYS))})")
 

@@ -404,7 +404,11 @@ def merge_safetensors(
                  else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         # the recorded out_dtype makes the config reproduce this output under mergekit's rule (None: working dtype)
         recorded_out = out_dtype or (next(iter(float_dtypes)) if len(float_dtypes) == 1 and dtype else None)
-        config_text = config_text or config_yaml(method, base, models, dtype, recorded_out, seed)
+        note = ""
+        if recorded_out is None and dtype is not None:
+            note = (f"the merged tensors kept their base dtypes {sorted(str(d) for d in float_dtypes)}; under this "
+                    f"config (no out_dtype) they are written in {dtype}")
+        config_text = config_text or config_yaml(method, base, models, dtype, recorded_out, seed, note)
         card = model_card(out.name, method, base, models, seed=seed, dtype=dtype, out_dtype=out_dtype,
                           config_text=config_text)
         total = sum(_nbytes(*out_meta[n]) for n in out_meta)

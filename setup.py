@@ -99,7 +99,7 @@ setup(
         # version they are checked with (3.6.0, also on the GPU machines), and numpy < 2.4 (triton-lang/triton#9171).
         "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
-        "merge": ["safetensors", "tqdm"],
+        "merge": ["safetensors", "tqdm", "pyyaml"],
         "hf": ["transformers"],
     },
     ext_modules=ext_modules,

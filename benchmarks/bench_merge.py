@@ -36,7 +36,7 @@ METHODS = {
     "task_arithmetic": [{"weight": 0.5}, {"weight": 0.3}, {"weight": -0.2}],
     "ties": [{"weight": 1.0, "density": 0.3}, {"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.7}],
     "dare_ties": [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 0.5}, {"weight": 0.5, "density": 0.7}],
-    "linear": [{"weight": 0.4}, {"weight": 0.4}, {"weight": 0.2}],
+    "linear": [{"weight": 0.3}, {"weight": 0.3}, {"weight": 0.2}],
 }
 
 # Runs a command, then prints its wall time, CPU time and peak RSS as JSON (RUSAGE_CHILDREN of this wrapper is
@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
         shape = f"K={args.models} x {per_model / 1e9:.2f} GB bf16"
         for method in args.methods:
-            config = {"merge_method": method, "base_model": str(root / "base"),
-                      "models": [{"model": str(root / f"model{m}"), "parameters": p}
-                                 for m, p in enumerate(METHODS[method])]}
+            models = [{"model": str(root / f"model{m}"), "parameters": p} for m, p in enumerate(METHODS[method])]
+            if method == "linear":  # linear averages the base too: mergekit requires its weight
+                models = [{"model": str(root / "base"), "parameters": {"weight": 0.2}}] + models
+            config = {"merge_method": method, "base_model": str(root / "base"), "models": models}
             path = root / f"{method}.yml"
             path.write_text(json.dumps(config))  # JSON is YAML
             for tool, command in tools.items():

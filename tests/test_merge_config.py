@@ -82,6 +82,8 @@ def test_parsed_methods_and_parameters():
         ({"merge_method": "task_arithmetic", "parameters": {"consensus_method": "sum"}},
          "parameters.consensus_method: not a parameter of task_arithmetic"),
         ({"parameters": {"consensus_method": "median"}}, "consensus_method: expected 'sum' or 'count'"),
+        ({"merge_method": "linear", "models": [{"model": "m0", "parameters": {"weight": 1}}]},
+         "base_model: linear averages the base with the models"),
     ],
 )
 def test_unsupported_or_wrong_keys_are_named(fields, message):

@@ -131,9 +131,9 @@ def _path(value, where: str) -> Path:
 def _vocabulary(model: Path, where: str) -> tuple[dict[str, int], int]:
     """Token → id of a model's tokenizer.json, without the ids at or beyond its config's vocab_size (mergekit
     strips those as padding)."""
-    from tokenizers import Tokenizer
-
     try:
+        from tokenizers import Tokenizer
+
         vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
         vocab = Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab(with_added_tokens=True)
     except Exception as err:  # missing/invalid files; the tokenizers library raises its own exception type
@@ -222,6 +222,9 @@ def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
         per_model.append(params)
     if not models:
         raise ValueError("models: every entry is the base model; list at least one model to merge into it")
+    if method == "linear" and base is not None and not any(_same_model(m, base) for m in models):
+        raise ValueError("base_model: linear averages the base with the models; list it under models with a "
+                         "weight too (mergekit requires one), or drop base_model")
 
     options = {k: v for k, v in shared.items() if k not in ("weight", "density", "int8_mask")}
     if method == "rsaf":

@@ -34,6 +34,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_device",
     "check_chunk_elems",
+    "check_seed",
 ]
 
 # 16 MiB per fp32 chunk buffer: below glibc's largest mmap threshold (32 MiB), so freed chunk buffers are reused
@@ -85,7 +86,7 @@ def check_chunk_elems(chunk_elems) -> int:
     return int(chunk_elems)
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return int(seed)
@@ -428,7 +429,7 @@ def merge_state_dicts(
     method = get_method(method, **options)
     chunk_elems = check_chunk_elems(chunk_elems)
     dtype, out_dtype = resolve_dtype(dtype, "dtype"), resolve_dtype(out_dtype, "out_dtype")
-    device, seed = resolve_device(device), _check_seed(seed)
+    device, seed = resolve_device(device), check_seed(seed)
     labels = _check_state_dicts(base, models)
     models = list(models)
     validate_metadata(

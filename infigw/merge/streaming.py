@@ -41,11 +41,11 @@ from .engine import (
     DEFAULT_CHUNK_ELEMS,
     TensorSource,
     check_chunk_elems,
+    check_seed,
     merge_tensor,
     resolve_device,
     resolve_dtype,
     validate_metadata,
-    _check_seed,
 )
 from .methods import MergeMethod, get_method
 
@@ -386,7 +386,7 @@ def merge_safetensors(
     max_shard_bytes = parse_size(max_shard_size)
     chunk_elems = check_chunk_elems(chunk_elems)
     dtype, out_dtype = resolve_dtype(dtype, "dtype"), resolve_dtype(out_dtype, "out_dtype")
-    device, seed = resolve_device(device), _check_seed(seed)
+    device, seed = resolve_device(device), check_seed(seed)
     out, base, models = Path(out), Path(base), [Path(m) for m in models]
     if out.exists():
         raise FileExistsError(errno.EEXIST, "the output directory already exists; choose a new one", str(out))

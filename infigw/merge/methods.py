@@ -206,7 +206,12 @@ def keep_count(ratio: float, numel: int) -> int:
 
 @dataclass
 class _TaskArithmeticFamily:
-    """mergekit's generalized task arithmetic; subclasses fix the sparsification, consensus and defaults."""
+    """mergekit's generalized task arithmetic; subclasses fix the sparsification, consensus and defaults.
+
+    ``weights``: one per model (or one for all), any sign; None = 1/K each **(ours: mergekit configs must give
+    them)**. ``density``: kept fraction per model (or one for all). ``normalize``/``rescale``/``consensus_method``
+    default to the method's mergekit defaults; ``scale`` is mergekit's ``lambda``.
+    """
 
     weights: Sequence[float] | float | None = None
     density: Sequence[float] | float = 1.0

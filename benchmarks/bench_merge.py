@@ -64,7 +64,8 @@ def _shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
+        shapes += [(p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)),
+                   (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
                    (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)), (p + "input_layernorm.weight", (HIDDEN,)),
                    (p + "post_attention_layernorm.weight", (HIDDEN,))]
     return shapes

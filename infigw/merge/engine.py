@@ -10,8 +10,9 @@ out in up to three passes over the chunks:
   generator of the merge (the generator state at the start of each model is kept) and the kept L1 norm;
 - **merge**: the masks again (replayed from the kept states) and the combination, in the working dtype.
 
-Tensors that fit one chunk are read once and kept. Chunking depends only on the tensor shape, and no result
-depends on it, so the in-memory and the streaming merge produce identical bits.
+Each pass reads a chunk of each input once; tensors that fit one chunk are read once in all. Chunking depends
+only on the tensor shape, and no result depends on it, so the in-memory and the streaming merge produce identical
+bits.
 """
 from __future__ import annotations
 
@@ -164,19 +165,20 @@ def _copy_if_equal(name: str, base: TensorSource, models: Sequence[TensorSource]
 
 
 class _ChunkReader:
-    """Row chunks of the base (index 0) and the models (1..K) in the working dtype on the merge device; when the
-    tensor is one chunk, every read is kept for the later passes."""
+    """Row chunks of the base (index 0) and the models (1..K) in the working dtype on the merge device. The last
+    chunk read of each source is kept, so a pass reads each chunk once, and a one-chunk tensor is read once."""
 
     def __init__(self, base, models, ranges, dtype, device):
         self.sources, self.ranges, self.dtype, self.device = [base, *models], ranges, dtype, device
-        self.cache: dict[tuple[int, int], torch.Tensor] | None = {} if len(ranges) == 1 else None
+        self.single_chunk = len(ranges) == 1
+        self.last: dict[int, tuple[int, torch.Tensor]] = {}
 
     def read(self, source: int, chunk: int) -> torch.Tensor:
-        if self.cache is not None and (source, chunk) in self.cache:
-            return self.cache[(source, chunk)]
+        kept = self.last.get(source)
+        if kept is not None and kept[0] == chunk:
+            return kept[1]
         t = self.sources[source].read(*self.ranges[chunk]).to(device=self.device, dtype=self.dtype)
-        if self.cache is not None:
-            self.cache[(source, chunk)] = t
+        self.last[source] = (chunk, t)
         return t
 
     def delta(self, model: int, chunk: int) -> torch.Tensor:
@@ -302,7 +304,7 @@ def merge_tensor(
                 if plan.rescale:
                     total += float(delta.abs().float().sum())
                     kept += float((delta * mask).abs().float().sum())
-                if reader.cache is not None:
+                if reader.single_chunk:
                     kept_masks[m] = mask
             if not math.isfinite(total):
                 _raise_non_finite(name, reader, chunks, labels, use_base)

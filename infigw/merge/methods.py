@@ -165,7 +165,8 @@ def _check_weights(weights, num_models: int, who: str, *, required: bool = False
         if required:
             raise ValueError(f"{who}: weights are required (one per model)")
         return [1.0 / num_models] * num_models
-    weights = [_finite(w, f"{who}: weights[{i}]") for i, w in enumerate(_per_model(weights, num_models, f"{who}: weights"))]
+    values = _per_model(weights, num_models, f"{who}: weights")
+    weights = [_finite(w, f"{who}: weights[{i}]") for i, w in enumerate(values)]
     if all(w == 0.0 for w in weights):
         raise ValueError(f"{who}: weights are all 0, so the merge would return the base unchanged")
     return weights
@@ -230,7 +231,8 @@ class _TaskArithmeticFamily:
     def __post_init__(self):
         who = self.name
         self.scale = _finite(self.scale, f"{who}: scale (lambda)")
-        self.normalize = self.default_normalize if self.normalize is None else _flag(self.normalize, f"{who}: normalize")
+        self.normalize = (self.default_normalize if self.normalize is None
+                          else _flag(self.normalize, f"{who}: normalize"))
         self.rescale = self.default_rescale if self.rescale is None else _flag(self.rescale, f"{who}: rescale")
         if self.consensus_method == "default":
             self.consensus_method = self.default_consensus

@@ -235,7 +235,7 @@ def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
         cls = _TASK_ARITHMETIC[method]
         if "lambda" in options:
             options["scale"] = options.pop("lambda")
-        if cls.sparsification is None:  # mergekit accepts and ignores these without sparsification
+        if cls.rule.sparsification is None:  # mergekit accepts and ignores these without sparsification
             options.pop("rescale", None)
         else:
             options["density"] = [p.get("density", 1.0) for p in per_model]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 __all__ = [
@@ -205,9 +205,19 @@ def keep_count(ratio: float, numel: int) -> int:
 # ------------------------------------------------------------------------------------------- mergekit methods
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """What mergekit fixes for one method of the family, and its defaults for ``normalize`` and ``rescale``."""
+
+    sparsification: str | None = None
+    consensus: str | None = None
+    normalize: bool = False
+    rescale: bool = False
+
+
 @dataclass
 class _TaskArithmeticFamily:
-    """mergekit's generalized task arithmetic; subclasses fix the sparsification, consensus and defaults.
+    """mergekit's generalized task arithmetic; subclasses set ``name`` and their :class:`_Rule`.
 
     ``weights``: one per model (or one for all), any sign; None = 1/K each **(ours: mergekit configs must give
     them)**. ``density``: kept fraction per model (or one for all). ``normalize``/``rescale``/``consensus_method``
@@ -220,31 +230,27 @@ class _TaskArithmeticFamily:
     rescale: bool | None = None
     consensus_method: str | None = "default"
     scale: float = 1.0
-    name: str = field(default="", init=False)
-    needs_stats: bool = field(default=False, init=False)
 
-    sparsification: ClassVar[str | None] = None
-    default_consensus: ClassVar[str | None] = None
-    default_normalize: ClassVar[bool] = False
-    default_rescale: ClassVar[bool] = False
+    name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    rule: ClassVar[_Rule] = _Rule()
 
     def __post_init__(self):
-        who = self.name
+        who, rule = self.name, self.rule
         self.scale = _finite(self.scale, f"{who}: scale (lambda)")
-        self.normalize = (self.default_normalize if self.normalize is None
-                          else _flag(self.normalize, f"{who}: normalize"))
-        self.rescale = self.default_rescale if self.rescale is None else _flag(self.rescale, f"{who}: rescale")
+        self.normalize = rule.normalize if self.normalize is None else _flag(self.normalize, f"{who}: normalize")
+        self.rescale = rule.rescale if self.rescale is None else _flag(self.rescale, f"{who}: rescale")
         if self.consensus_method == "default":
-            self.consensus_method = self.default_consensus
+            self.consensus_method = rule.consensus
         if self.consensus_method not in CONSENSUS_METHODS:
             raise ValueError(f"{who}: consensus_method must be 'sum', 'count' or None, got {self.consensus_method!r}")
-        if self.sparsification is None and self.density != 1.0:
+        if rule.sparsification is None and self.density != 1.0:
             raise ValueError(f"{who}: density does not apply (no sparsification); got {self.density!r}")
 
     def plan(self, num_models, stats=None):
         return MergePlan(
             weights=_check_weights(self.weights, num_models, self.name),
-            sparsification=self.sparsification,
+            sparsification=self.rule.sparsification,
             density=self.density,
             rescale=self.rescale,
             consensus=self.consensus_method,
@@ -261,7 +267,7 @@ class _TaskArithmeticFamily:
         shared = {"normalize": plan.normalize, "lambda": plan.scale}
         if plan.sparsification is not None:
             shared["rescale"] = plan.rescale
-        if plan.consensus != self.default_consensus:
+        if plan.consensus != self.rule.consensus:
             shared["consensus_method"] = plan.consensus
         return self.name, per_model, shared
 
@@ -270,7 +276,7 @@ class _TaskArithmeticFamily:
 class TaskArithmetic(_TaskArithmeticFamily):
     """Task arithmetic: ``W = W_base + λ·Σ_m w_m Δ_m`` (mergekit ``task_arithmetic``; ``normalize`` False)."""
 
-    name: str = field(default="task_arithmetic", init=False)
+    name: ClassVar[str] = "task_arithmetic"
 
 
 @dataclass
@@ -279,10 +285,8 @@ class Ties(_TaskArithmeticFamily):
     disjoint weighted mean (mergekit ``ties``: ``normalize`` True)."""
 
     density: Sequence[float] | float = 0.2
-    name: str = field(default="ties", init=False)
-    sparsification = "magnitude"
-    default_consensus = "sum"
-    default_normalize = True
+    name: ClassVar[str] = "ties"
+    rule: ClassVar[_Rule] = _Rule("magnitude", "sum", normalize=True)
 
 
 @dataclass
@@ -290,19 +294,16 @@ class DareTies(_TaskArithmeticFamily):
     """DARE-TIES (Yu et al. 2024): random drop to ``density``, L1 rescale, sign election, weighted **sum** of
     the agreeing deltas (mergekit ``dare_ties``: ``normalize`` False, ``rescale`` True)."""
 
-    name: str = field(default="dare_ties", init=False)
-    sparsification = "random"
-    default_consensus = "sum"
-    default_rescale = True
+    name: ClassVar[str] = "dare_ties"
+    rule: ClassVar[_Rule] = _Rule("random", "sum", rescale=True)
 
 
 @dataclass
 class DareLinear(_TaskArithmeticFamily):
     """DARE: random drop to ``density``, L1 rescale, weighted sum (mergekit ``dare_linear``)."""
 
-    name: str = field(default="dare_linear", init=False)
-    sparsification = "random"
-    default_rescale = True
+    name: ClassVar[str] = "dare_linear"
+    rule: ClassVar[_Rule] = _Rule("random", rescale=True)
 
 
 @dataclass
@@ -315,8 +316,8 @@ class Linear:
 
     weights: Sequence[float] | float | None = None
     normalize: bool = True
-    name: str = field(default="linear", init=False)
-    needs_stats: bool = field(default=False, init=False)
+    name: ClassVar[str] = "linear"
+    needs_stats: ClassVar[bool] = False
 
     def __post_init__(self):
         self.normalize = _flag(self.normalize, "linear: normalize")
@@ -379,8 +380,8 @@ class Rsaf:
     elect_sign: bool = False
     scale: float = 1.0
     eps: float = 1e-12
-    name: str = field(default="rsaf", init=False)
-    needs_stats: bool = field(default=True, init=False)
+    name: ClassVar[str] = "rsaf"
+    needs_stats: ClassVar[bool] = True
 
     def __post_init__(self):
         self.r_min = _check_fraction(self.r_min, "rsaf: r_min", open_low=True, open_high=False)

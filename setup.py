@@ -100,7 +100,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm",
                  "pyarrow", "pyyaml", "hypothesis"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
-        "merge": ["safetensors", "tqdm"],
+        "merge": ["safetensors", "tqdm", "pyyaml"],
         # 4.48: the first release whose Llama and GPT-2 return Cache objects, which beam search with DLF reorders
         "hf": ["transformers>=4.48"],
         # infigw.records: the store and its importers (capture also needs the "hf" extra)

@@ -10,7 +10,7 @@ import torch
 from . import functional as F
 
 # Keyword arguments that describe one batch rather than the loss: given to forward, never stored.
-PER_BATCH = ("mask", "teacher_labels", "teacher_mask")
+PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "num_items_in_batch")
 
 
 class _ConfiguredLoss(torch.nn.Module):

@@ -345,36 +345,48 @@ class Parallel:
 
     def _pooled_degrees(self, source, valid, *, k, values, nodes, graph_norm, scope, temperature, deterministic,
                         backend):
-        """Degrees of one graph over the whole group's rows: each rank aggregates its rows with ``graph_norm="sum"``
-        (cosine: scaled by the all-reduced diagonal first), then the sums, touched nodes and row counts are
-        all-reduced; the student's with autograd."""
-        if isinstance(source, torch.Tensor):  # dense logits: the same selection through the summary op
-            source = summarize(source, valid, k, temperature, None, backend)
-        kept_values, kept_ids = source.kept(k, values, temperature)
-        rows = torch.where(valid, 0, -1).reshape(-1)
-        kept_values = torch.where((rows >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
-        num_nodes = source.vocab_size if nodes == "vocab" else k
+        """Degrees of one graph over the whole group's rows: each rank aggregates its rows as one "sum" graph (the
+        dispatched degree kernels; cosine: scaled by the all-reduced diagonal first), then the sums, touched nodes
+        and row counts are all-reduced, the student's with autograd."""
+        num_nodes = k if nodes == "rank" else (source.shape[-1] if isinstance(source, torch.Tensor)
+                                               else source.vocab_size)
         check_same_on_ranks(self.data, "data_parallel_group", "the number of graph nodes (vocabulary or k)",
-                            lambda: [num_nodes], kept_values)
-        _, aggregate = dispatch.resolve("kept_degrees", backend, kept_values.device)
+                            lambda: [num_nodes], valid)
         if graph_norm == "cosine":
-            slot_nodes = node_ids(kept_ids, nodes)
-            # one entry per row makes each degree a sum of squares: the diagonal sum_p a_p[i]^2
-            diagonal, _ = aggregate(kept_values.reshape(-1, 1), slot_nodes.reshape(-1, 1), rows.repeat_interleave(k),
-                                    1, num_nodes, "vocab", "sum")
-            diagonal = _AllReduceSum.apply(diagonal, self.data)
-            safe = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))  # finite gradient at D = 0
-            scale = torch.where(diagonal > 0, safe.rsqrt(), torch.zeros_like(diagonal))
-            kept_values = kept_values * scale[0, slot_nodes]
-        degrees, touched = aggregate(kept_values, kept_ids, rows, 1, num_nodes, nodes, "sum")
-        packed = torch.cat([degrees.reshape(-1), touched.reshape(-1).to(degrees.dtype),
+            local = self._cosine_degrees(source, valid, k, values, nodes, num_nodes, temperature, backend)
+        else:
+            local = functional._degrees(source, valid, k=k, values=values, nodes=nodes, graph_norm="sum",
+                                        scope="batch", temperature=temperature, deterministic=deterministic,
+                                        backend=backend)[0]
+        degrees = local.degrees
+        packed = torch.cat([degrees.reshape(-1), local.touched.reshape(-1).to(degrees.dtype),
                             valid.sum().reshape(1).to(degrees.dtype)])
         packed = _AllReduceSum.apply(packed, self.data)
         degrees = packed[:num_nodes].view(1, num_nodes)
         if graph_norm == "mean":
             degrees = degrees / packed[-1].clamp_min(1)
         touched = (packed[num_nodes:2 * num_nodes] > 0).view(1, num_nodes)
-        return TopKDegrees(degrees, touched, kept_values.detach(), kept_ids), rows, 1
+        rows = torch.where(valid, 0, -1).reshape(-1)  # every valid row in graph 0, as the local stage maps them
+        return TopKDegrees(degrees, touched, local.kept_values, local.kept_ids), rows, 1
+
+    def _cosine_degrees(self, source, valid, k, values, nodes, num_nodes, temperature, backend) -> TopKDegrees:
+        """This rank's rows' "sum" degrees after the cosine scaling by the group's diagonal D_i = sum_p a_p[i]^2
+        (all-reduced, with autograd: the scale depends on every rank's values)."""
+        if isinstance(source, torch.Tensor):  # dense logits: the same selection through the summary op
+            source = summarize(source, valid, k, temperature, None, backend)
+        kept_values, kept_ids = source.kept(k, values, temperature)
+        rows = torch.where(valid, 0, -1).reshape(-1)
+        kept_values = torch.where((rows >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
+        _, aggregate = dispatch.resolve("kept_degrees", backend, kept_values.device)
+        slot_nodes = node_ids(kept_ids, nodes)
+        # one entry per row makes each degree a sum of squares: the diagonal sum_p a_p[i]^2
+        diagonal, _ = aggregate(kept_values.reshape(-1, 1), slot_nodes.reshape(-1, 1), rows.repeat_interleave(k), 1,
+                                num_nodes, "vocab", "sum")
+        diagonal = _AllReduceSum.apply(diagonal, self.data)
+        safe = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))  # finite gradient at D = 0
+        scaled = kept_values * torch.where(diagonal > 0, safe.rsqrt(), torch.zeros_like(diagonal))[0, slot_nodes]
+        degrees, touched = aggregate(scaled, kept_ids, rows, 1, num_nodes, nodes, "sum")
+        return TopKDegrees(degrees, touched, scaled.detach(), kept_ids)
 
     def graph_weights(self, inputs: CallInputs, included: torch.Tensor, scope: str):
         """(S, G) teacher weights of the graphs and the (S, B, T) token weights (or None), as

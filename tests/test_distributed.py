@@ -25,7 +25,7 @@ from infigw import InfiGFusionLoss, TopKRecord, distributed
 from infigw import functional as F
 from infigw.distributed import ItemCounts, count_items
 from infigw.summary import summarize
-from tests.helpers import assert_close, random_mask, tied_logits
+from tests.helpers import NORM_MODES, assert_close, random_mask, tied_logits
 
 WORLDS = (2, 4)
 RESULT_TIMEOUT_S = 180
@@ -264,7 +264,8 @@ def case_data_parallel(*, seed, group_name):
     graph = _graph_options(rng, 5)
     calls = {
         "gld sequences": (F.gld_loss, dict(graph, reduction=rng.choice(["mean", "sum"]))),
-        "gld pooled": (F.gld_loss, dict(graph, scope="batch", reduction=rng.choice(["mean", "sum", "none"]),
+        "gld pooled": (F.gld_loss, dict(graph, scope="batch", graph_norm=NORM_MODES[seed % 3],
+                                        reduction=rng.choice(["mean", "sum", "none"]),
                                         teacher_weights="uncertainty" if seed % 2 else None,
                                         weight_granularity="token" if seed % 4 == 1 else "sequence")),
         "uld": (F.uld_loss, dict(top_k=rng.choice([None, 3]))),

@@ -251,6 +251,14 @@ def _part(tensor, rows, length):
     return tensor[rows, :length]
 
 
+def _teacher_part(teacher, rows, length):
+    """A rank's part of a dense teacher or of a stored record."""
+    if isinstance(teacher, TopKRecord):
+        return TopKRecord(_part(teacher.values, rows, length), _part(teacher.indices, rows, length),
+                          teacher.vocab_size, _part(teacher.logsumexp, rows, length), teacher.temperature)
+    return _part(teacher, rows, length)
+
+
 def case_data_parallel(*, seed, group_name):
     """Shares over a data-parallel group: summed over the ranks, the values are the one-process loss of the whole
     batch, and each rank's gradient is the one-process gradient of its rows; sequence graphs, pooled graphs
@@ -260,7 +268,8 @@ def case_data_parallel(*, seed, group_name):
     logits, labels, parts = _batch_split(rng, generator, size)
     rows, length = parts[rank]
     teacher = 2 * torch.randn(*labels.shape, rng.randint(7, 12), generator=generator)
-    teachers = [teacher, 2 * torch.randn(*labels.shape, 9, generator=generator)] if seed % 2 else teacher
+    record = TopKRecord.from_logits(2 * torch.randn(*labels.shape, 9, generator=generator), 6)
+    teachers = [teacher, record] if seed % 2 else teacher
     graph = _graph_options(rng, 5)
     calls = {
         "gld sequences": (F.gld_loss, dict(graph, reduction=rng.choice(["mean", "sum"]))),
@@ -275,8 +284,8 @@ def case_data_parallel(*, seed, group_name):
     for name, (loss_fn, options) in calls.items():
         full = _leaf(logits)
         own = _leaf(_part(logits, rows, length))
-        own_teachers = ([_part(t, rows, length) for t in teachers] if isinstance(teachers, list)
-                        else _part(teachers, rows, length))
+        own_teachers = ([_teacher_part(t, rows, length) for t in teachers] if isinstance(teachers, list)
+                        else _teacher_part(teachers, rows, length))
         expected = loss_fn(full, teachers, labels, **options)
         expected.sum().backward()
         actual = loss_fn(own, own_teachers, _part(labels, rows, length), **options, data_parallel_group=group)

@@ -1,6 +1,6 @@
-// The operator schemas of infigw, in one place. Kernels register against them per device:
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(infigw, CPU, m)) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(infigw, CUDA, m)).
-// Python adds fake (meta) kernels and autograd in infigw/extension.py. The math is docs/math.md (§2 node values,
+// The operator schemas of infigw and the kernels that implement them per device, in one place: csrc/cpu/*.cpp and
+// (when built with CUDA) csrc/cuda/*.cu, whose entry points csrc/kernels.h declares. Python adds fake (meta)
+// kernels and autograd in infigw/extension.py. The math is docs/math.md (§2 node values,
 // §3 graph and degrees, §4 the closed forms, §6 gradients).
 //
 // The options are strings, mapped to the codes of csrc/contract.h once per call (csrc/op_checks.h):
@@ -13,6 +13,8 @@
 // for out-of-range values (always on CPU; on CUDA it syncs with the host, see csrc/op_checks.h).
 #include <Python.h>
 #include <torch/library.h>
+
+#include "kernels.h"
 
 extern "C" {
 // infigw._C is imported only to run the static registrations below; it has no Python functions.
@@ -45,3 +47,29 @@ TORCH_LIBRARY(infigw, m) {
       "sorted_gw1d_backward(Tensor grad, Tensor x, Tensor y, Tensor lengths, bool check_data=True) -> "
       "(Tensor, Tensor)");
 }
+
+namespace {
+
+// Registers the kernels of one device for the four schemas above.
+void implement(torch::Library& m, infigw::TopkDegreesFn* topk_degrees,
+               infigw::TopkDegreesBackwardFn* topk_degrees_backward, infigw::SortedGw1dFn* sorted_gw1d,
+               infigw::SortedGw1dBackwardFn* sorted_gw1d_backward) {
+  m.impl("topk_degrees", topk_degrees);
+  m.impl("topk_degrees_backward", topk_degrees_backward);
+  m.impl("sorted_gw1d", sorted_gw1d);
+  m.impl("sorted_gw1d_backward", sorted_gw1d_backward);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infigw, CPU, m) {
+  using namespace infigw::cpu;
+  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward);
+}
+
+#ifdef INFIGW_WITH_CUDA
+TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
+  using namespace infigw::cuda;
+  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward);
+}
+#endif

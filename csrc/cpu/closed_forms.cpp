@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +11,7 @@
 #include <tuple>
 
 #include "formulas.h"
+#include "kernels.h"
 #include "op_checks.h"
 
 namespace infigw {
@@ -58,8 +58,9 @@ struct PointPair {
   }
 };
 
-at::Tensor sorted_gw1d_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& lengths_in,
-                           bool check_data) {
+}  // namespace
+
+at::Tensor sorted_gw1d(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& lengths_in, bool check_data) {
   (void)check_data;  // the CPU kernels always scan the lengths they follow
   check_point_lists(x_in, y_in, lengths_in, /*allow_fp64=*/true);
   check_index_range(lengths_in, "lengths", 0, x_in.size(1) + 1);
@@ -80,9 +81,9 @@ at::Tensor sorted_gw1d_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sorted_gw1d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                            const at::Tensor& y_in, const at::Tensor& lengths_in,
-                                                            bool check_data) {
+std::tuple<at::Tensor, at::Tensor> sorted_gw1d_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                        const at::Tensor& y_in, const at::Tensor& lengths_in,
+                                                        bool check_data) {
   (void)check_data;
   check_point_lists(x_in, y_in, lengths_in, /*allow_fp64=*/true);
   check_point_grad(grad_in, x_in);
@@ -121,11 +122,5 @@ std::tuple<at::Tensor, at::Tensor> sorted_gw1d_backward_cpu(const at::Tensor& gr
   return {grad_x, grad_y};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CPU, m) {
-  m.impl("sorted_gw1d", &infigw::cpu::sorted_gw1d_cpu);
-  m.impl("sorted_gw1d_backward", &infigw::cpu::sorted_gw1d_backward_cpu);
-}

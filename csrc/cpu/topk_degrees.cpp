@@ -17,7 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +31,7 @@
 
 #include "cpu/rows_by_graph.h"
 #include "formulas.h"
+#include "kernels.h"
 #include "op_checks.h"
 
 #ifdef __linux__
@@ -388,9 +388,11 @@ Outputs forward_impl(const at::Tensor& logits, const RowsByGraph& groups, const 
   return {degrees, touched, kept_values, kept_ids, row_lse};
 }
 
-Outputs topk_degrees_cpu(const at::Tensor& logits, const at::Tensor& row_graph, int64_t num_graphs, int64_t k,
-                         const std::string& values, double temperature, const std::string& nodes,
-                         const std::string& graph_norm, bool deterministic, bool check_data) {
+}  // namespace
+
+Outputs topk_degrees(const at::Tensor& logits, const at::Tensor& row_graph, int64_t num_graphs, int64_t k,
+                     const std::string& values, double temperature, const std::string& nodes,
+                     const std::string& graph_norm, bool deterministic, bool check_data) {
   (void)deterministic;  // the CPU kernels are always deterministic
   (void)check_data;     // and always scan the indices they follow (cheap on CPU)
   const Options options = parse_options(values, nodes, graph_norm);
@@ -408,6 +410,8 @@ Outputs topk_degrees_cpu(const at::Tensor& logits, const at::Tensor& row_graph, 
   });
   return out;
 }
+
+namespace {
 
 // The gradient w.r.t. the kept slots of graph g into grad_kept (N x k): dL/da for values="logits", dL/d(log a)
 // for the probability values (bounded where a is tiny; the logits gradient below needs only that).
@@ -517,11 +521,13 @@ at::Tensor backward_impl(const at::Tensor& grad_degrees, const at::Tensor& logit
   return grad_logits;
 }
 
-at::Tensor topk_degrees_backward_cpu(const at::Tensor& grad_degrees, const at::Tensor& logits,
-                                     const at::Tensor& row_graph, const at::Tensor& kept_values,
-                                     const at::Tensor& kept_ids, const at::Tensor& row_lse, int64_t num_graphs,
-                                     const std::string& values, double temperature, const std::string& nodes,
-                                     const std::string& graph_norm, bool check_data) {
+}  // namespace
+
+at::Tensor topk_degrees_backward(const at::Tensor& grad_degrees, const at::Tensor& logits,
+                                 const at::Tensor& row_graph, const at::Tensor& kept_values, const at::Tensor& kept_ids,
+                                 const at::Tensor& row_lse, int64_t num_graphs, const std::string& values,
+                                 double temperature, const std::string& nodes, const std::string& graph_norm,
+                                 bool check_data) {
   (void)check_data;  // the CPU kernels always scan the indices they follow
   const Options options = parse_options(values, nodes, graph_norm);
   check_logits(logits, /*allow_fp64=*/true);
@@ -546,11 +552,5 @@ at::Tensor topk_degrees_backward_cpu(const at::Tensor& grad_degrees, const at::T
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CPU, m) {
-  m.impl("topk_degrees", &infigw::cpu::topk_degrees_cpu);
-  m.impl("topk_degrees_backward", &infigw::cpu::topk_degrees_backward_cpu);
-}

@@ -3,12 +3,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <tuple>
 
 #include "bindings.h"
 #include "closed_forms.cuh"
+#include "kernels.h"
 
 namespace infigw {
 namespace cuda {
@@ -22,7 +22,9 @@ void check_lists(const Tensor& x, const Tensor& y, const Tensor& lengths, bool c
   if (check_data) check_index_range(lengths, "lengths", 0, x.size(1) + 1);
 }
 
-Tensor sorted_gw1d_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in, bool check_data) {
+}  // namespace
+
+Tensor sorted_gw1d(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in, bool check_data) {
   check_lists(x_in, y_in, lengths_in, check_data);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), y = y_in.contiguous(), lengths = lengths_in.contiguous();
@@ -34,8 +36,8 @@ Tensor sorted_gw1d_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& le
   return out;
 }
 
-std::tuple<Tensor, Tensor> sorted_gw1d_backward_cuda(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
-                                                     const Tensor& lengths_in, bool check_data) {
+std::tuple<Tensor, Tensor> sorted_gw1d_backward(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
+                                                const Tensor& lengths_in, bool check_data) {
   check_lists(x_in, y_in, lengths_in, check_data);
   check_point_grad(grad_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -50,11 +52,5 @@ std::tuple<Tensor, Tensor> sorted_gw1d_backward_cuda(const Tensor& grad_in, cons
   return {grad_x, grad_y};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
-  m.impl("sorted_gw1d", &infigw::cuda::sorted_gw1d_cuda);
-  m.impl("sorted_gw1d_backward", &infigw::cuda::sorted_gw1d_backward_cuda);
-}

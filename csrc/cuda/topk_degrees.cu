@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <string>
@@ -12,6 +11,7 @@
 #include <type_traits>
 
 #include "bindings.h"
+#include "kernels.h"
 #include "topk_degrees.cuh"
 #include "topk_degrees_backward.cuh"
 
@@ -104,7 +104,9 @@ Tensor node_max_buffer(int64_t num_graphs, int64_t num_nodes, bool log_domain, c
   return at::full({num_graphs, num_nodes}, empty, options.dtype(at::kFloat));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_degrees_cuda(
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_degrees(
     const Tensor& logits_in, const Tensor& row_graph_in, int64_t num_graphs, int64_t k, const std::string& values,
     double temperature, const std::string& nodes, const std::string& graph_norm, bool deterministic,
     bool check_data) {
@@ -164,11 +166,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_degrees_cuda(
   return {degrees.to(at::kFloat), touched, kept_values, kept_ids, row_lse};
 }
 
-Tensor topk_degrees_backward_cuda(const Tensor& grad_degrees_in, const Tensor& logits_in,
-                                  const Tensor& row_graph_in, const Tensor& kept_values_in,
-                                  const Tensor& kept_ids_in, const Tensor& row_lse_in, int64_t num_graphs,
-                                  const std::string& values, double temperature, const std::string& nodes,
-                                  const std::string& graph_norm, bool check_data) {
+Tensor topk_degrees_backward(const Tensor& grad_degrees_in, const Tensor& logits_in, const Tensor& row_graph_in,
+                             const Tensor& kept_values_in, const Tensor& kept_ids_in, const Tensor& row_lse_in,
+                             int64_t num_graphs, const std::string& values, double temperature,
+                             const std::string& nodes, const std::string& graph_norm, bool check_data) {
   const Options options = parse_options(values, nodes, graph_norm);
   check_cuda_logits(logits_in);
   check_row_graph(row_graph_in, logits_in, num_graphs);
@@ -235,11 +236,5 @@ Tensor topk_degrees_backward_cuda(const Tensor& grad_degrees_in, const Tensor& l
   return grad;
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
-  m.impl("topk_degrees", &infigw::cuda::topk_degrees_cuda);
-  m.impl("topk_degrees_backward", &infigw::cuda::topk_degrees_backward_cuda);
-}

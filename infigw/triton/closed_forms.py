@@ -31,8 +31,9 @@ def _load_points(row_ptr, i, inside):
 
 @triton.jit
 def _gw_sums(x_row, y_row, n, BLOCK: tl.constexpr):
-    """Means of the first n points of x and y, whether one is NaN, and the power sums (sum d^2, sum s^2,
-    sum d^2 s^2, sum d s, sum d s^2, sum d^2 s) of the identity and the anti-identity matchings."""
+    """Means of the first n points of x and y, whether one is NaN, and the power sums sum d^2, sum s^2,
+    sum d^2 s^2, sum d s, sum d s^2, sum d^2 s, each a pair (identity, anti-identity): the two matchings are the
+    two columns of a (BLOCK, 2) tile, partner index i or n - 1 - i."""
     acc_x = tl.zeros([BLOCK], tl.float64)
     acc_y = tl.zeros([BLOCK], tl.float64)
     nans = tl.zeros([BLOCK], tl.int32)
@@ -47,14 +48,12 @@ def _gw_sums(x_row, y_row, n, BLOCK: tl.constexpr):
     count = tl.maximum(n, 1).to(tl.float64)
     mean_x = tl.sum(acc_x) / count
     mean_y = tl.sum(acc_y) / count
-    zero = tl.zeros([BLOCK], tl.float64)
-    dd, ss, ddss, ds, dss, dds = zero, zero, zero, zero, zero, zero  # identity: (x_i, y_i)
-    rdd, rss, rddss, rds, rdss, rdds = zero, zero, zero, zero, zero, zero  # anti-identity: (x_i, y_{n-1-i})
+    zero = tl.zeros([BLOCK, 2], tl.float64)
+    dd, ss, ddss, ds, dss, dds = zero, zero, zero, zero, zero, zero
     for start in range(0, n, BLOCK):
-        i = start + tl.arange(0, BLOCK)
+        i = (start + tl.arange(0, BLOCK))[:, None]
         inside = i < n
-        x = _load_points(x_row, i, inside)
-        d, s = _centred(x, _load_points(y_row, i, inside), mean_x, mean_y)
+        d, s = _centred(_load_points(x_row, i, inside), _load_points(y_row, _partner(i, n), inside), mean_x, mean_y)
         d, s = tl.where(inside, d, 0.0), tl.where(inside, s, 0.0)
         dd += d * d
         ss += s * s
@@ -62,22 +61,20 @@ def _gw_sums(x_row, y_row, n, BLOCK: tl.constexpr):
         ds += d * s
         dss += d * s * s
         dds += d * d * s
-        d, s = _centred(x, _load_points(y_row, n - 1 - i, inside), mean_x, mean_y)
-        d, s = tl.where(inside, d, 0.0), tl.where(inside, s, 0.0)
-        rdd += d * d
-        rss += s * s
-        rddss += d * d * s * s
-        rds += d * s
-        rdss += d * s * s
-        rdds += d * d * s
     return (mean_x, mean_y, tl.sum(nans) > 0,
-            tl.sum(dd), tl.sum(ss), tl.sum(ddss), tl.sum(ds), tl.sum(dss), tl.sum(dds),
-            tl.sum(rdd), tl.sum(rss), tl.sum(rddss), tl.sum(rds), tl.sum(rdss), tl.sum(rdds))
+            tl.sum(dd, 0), tl.sum(ss, 0), tl.sum(ddss, 0), tl.sum(ds, 0), tl.sum(dss, 0), tl.sum(dds, 0))
 
 
 @triton.jit
-def _gw_cost(n, dd, ss, ddss, ds):
-    return 2 * dd * ss + 2 * n * ddss + 4 * ds * ds
+def _partner(i, n):
+    """(BLOCK, 2) partner indices of points i (BLOCK, 1): column 0 identity, column 1 anti-identity."""
+    return tl.where(tl.arange(0, 2)[None, :] == 0, i, n - 1 - i)
+
+
+@triton.jit
+def _pick(pair, matching):
+    """The entry of a (2,) pair of one matching."""
+    return tl.sum(tl.where(tl.arange(0, 2) == matching, pair, 0.0))
 
 
 @triton.jit
@@ -89,10 +86,9 @@ def _finite(mean_x, mean_y):
 def _gw1d_kernel(x_ptr, y_ptr, len_ptr, out_ptr, width, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + row), 0), width)  # a bad length is clamped, never followed
-    (mean_x, mean_y, has_nan, dd, ss, ddss, ds, _, _, rdd, rss, rddss, rds, _, _) = _gw_sums(
-        x_ptr + row * width, y_ptr + row * width, n, BLOCK)
+    mean_x, mean_y, has_nan, dd, ss, ddss, ds, _, _ = _gw_sums(x_ptr + row * width, y_ptr + row * width, n, BLOCK)
     nf = n.to(tl.float64)
-    best = tl.minimum(_gw_cost(nf, dd, ss, ddss, ds), _gw_cost(nf, rdd, rss, rddss, rds)) / tl.maximum(nf * nf, 1.0)
+    best = tl.min(2 * dd * ss + 2 * nf * ddss + 4 * ds * ds) / tl.maximum(nf * nf, 1.0)
     best = tl.where(_finite(mean_x, mean_y), best, tl.where(has_nan, float("nan"), float("inf")))
     tl.store(out_ptr + row, tl.where(n > 0, best, 0.0).to(tl.float32))
 
@@ -103,19 +99,18 @@ def _gw1d_backward_kernel(grad_ptr, x_ptr, y_ptr, len_ptr, grad_x_ptr, grad_y_pt
     n = tl.minimum(tl.maximum(tl.load(len_ptr + row), 0), width)
     x_row = x_ptr + row * width
     y_row = y_ptr + row * width
-    (mean_x, mean_y, _, dd, ss, ddss, ds, dss, dds, rdd, rss, rddss, rds, rdss, rdds) = _gw_sums(
-        x_row, y_row, n, BLOCK)
+    mean_x, mean_y, _, dd, ss, ddss, ds, dss, dds = _gw_sums(x_row, y_row, n, BLOCK)
     nf = n.to(tl.float64)
-    use_anti = _gw_cost(nf, rdd, rss, rddss, rds) < _gw_cost(nf, dd, ss, ddss, ds)
-    # Sums of the chosen matching (x_i, p_i), p = y or y reversed within the first n entries.
-    dd, ss, ds = tl.where(use_anti, rdd, dd), tl.where(use_anti, rss, ss), tl.where(use_anti, rds, ds)
-    dss, dds = tl.where(use_anti, rdss, dss), tl.where(use_anti, rdds, dds)
+    cost = 2 * dd * ss + 2 * nf * ddss + 4 * ds * ds
+    matching = (_pick(cost, 1) < _pick(cost, 0)).to(tl.int32)  # identity on a tie
+    dd, ss, ds, dss, dds = _pick(dd, matching), _pick(ss, matching), _pick(ds, matching), _pick(dss, matching), \
+        _pick(dds, matching)
     scale = tl.load(grad_ptr + row).to(tl.float64) / tl.maximum(nf * nf, 1.0)
     finite = _finite(mean_x, mean_y)  # else no gradient flows
     for start in range(0, width, BLOCK):
         i = start + tl.arange(0, BLOCK)
         inside = i < n
-        src = tl.where(use_anti, n - 1 - i, i)
+        src = tl.where(matching == 1, n - 1 - i, i)
         d, s = _centred(_load_points(x_row, i, inside), _load_points(y_row, src, inside), mean_x, mean_y)
         # the derivatives of the cost in d_i and s_i (csrc/formulas.h: Gw1dSums::grad_d / grad_s)
         by_d = 4 * d * ss + 4 * nf * d * s * s + 8 * ds * s - 4 * dss

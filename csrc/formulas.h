@@ -69,6 +69,8 @@ INFIGW_HD A cosine_input_grad(A gb, A b, A z, A rq, A node_max, bool log_domain)
 // sum d = sum s = 0 the power-sum expansion keeps only non-negative terms:
 //   cost = 2 (sum d^2)(sum s^2) + 2 n sum d^2 s^2 + 4 (sum d s)^2,
 // exactly 0 when x = y and never negative: none of the cancellation of the S4(x) + S4(y) - 2 X(x, y) form.
+enum Matching : int { kIdentity = 0, kAntiIdentity = 1 };  // y_i or y_{n-1-i} paired with x_i
+
 struct Gw1dSums {
   // Per matching: sum d^2, sum s^2, sum d^2 s^2, sum d s, sum d s^2, sum d^2 s.
   enum { kDD, kSS, kDDSS, kDS, kDSS, kDDS, kPerMatching };
@@ -94,8 +96,8 @@ struct Gw1dSums {
     const double* m = v + matching * kPerMatching;
     return 2 * m[kDD] * m[kSS] + 2 * n * m[kDDSS] + 4 * m[kDS] * m[kDS];
   }
-  // 0 = identity, 1 = anti-identity; identity on a tie.
-  INFIGW_HD int best(double n) const { return cost(0, n) <= cost(1, n) ? 0 : 1; }
+  // The cheaper matching; identity on a tie.
+  INFIGW_HD int best(double n) const { return cost(kIdentity, n) <= cost(kAntiIdentity, n) ? kIdentity : kAntiIdentity; }
   // d cost / d d_i and d cost / d s_i at the centred pair (d, s). The cost is translation invariant, so this is
   // also its gradient before centring; then d/dx_i = grad_d + grad_s and d/dy_p(i) = grad_s - grad_d.
   INFIGW_HD double grad_d(int matching, double n, double d, double s) const {

@@ -1,6 +1,5 @@
 """Shared test helpers: one comparison harness with one tolerance policy, and inputs with controlled ties."""
 import itertools
-import os
 
 import torch
 
@@ -134,6 +133,3 @@ def sorted_lists(generator, rows, width, scale=1.0, offset=0.0, device="cpu"):
     """(rows, width) f32 lists sorted descending."""
     return (torch.randn(rows, width, generator=generator) * scale + offset).sort(-1, descending=True).values.to(device)
 
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -38,7 +38,7 @@ struct PointPair {
     mean_y /= static_cast<double>(n);
     if (!finite()) return;
     for (int64_t i = 0; i < n; ++i) {
-      for (int matching = 0; matching < 2; ++matching) {
+      for (int matching : {kIdentity, kAntiIdentity}) {
         double d, s;
         centred(i, matching, d, s);
         sums.add(matching, d, s);
@@ -47,14 +47,14 @@ struct PointPair {
   }
   // False when a point is infinite or NaN: the cost is then +inf (NaN if a point is NaN) and no gradient flows.
   bool finite() const { return std::isfinite(mean_x) && std::isfinite(mean_y); }
-  int64_t partner(int64_t i, int matching) const { return matching == 0 ? i : n - 1 - i; }
+  int64_t partner(int64_t i, int matching) const { return matching == kIdentity ? i : n - 1 - i; }
   void centred(int64_t i, int matching, double& d, double& s) const {
     Gw1dSums::centred(x[i], y[partner(i, matching)], mean_x, mean_y, d, s);
   }
   double result() const {
     if (!finite()) return has_nan ? std::numeric_limits<double>::quiet_NaN() : INFINITY;
     const double nn = static_cast<double>(n);
-    return std::min(sums.cost(0, nn), sums.cost(1, nn)) / (nn * nn);
+    return std::min(sums.cost(kIdentity, nn), sums.cost(kAntiIdentity, nn)) / (nn * nn);
   }
 };
 

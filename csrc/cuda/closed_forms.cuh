@@ -25,7 +25,7 @@ struct GwGraph {
   // False when a point is infinite or NaN: the cost is then +inf (NaN if a point is NaN) and no gradient flows.
   __device__ __forceinline__ bool finite() const { return isfinite(mean_x) && isfinite(mean_y); }
   __device__ __forceinline__ int64_t partner(int64_t i, int matching) const {
-    return matching == 0 ? i : n - 1 - i;
+    return matching == kIdentity ? i : n - 1 - i;
   }
   __device__ __forceinline__ void centred(int64_t i, int matching, double& d, double& s) const {
     Gw1dSums::centred(x[i], y[partner(i, matching)], mean_x, mean_y, d, s);
@@ -55,7 +55,7 @@ __device__ __forceinline__ GwGraph gw_graph(const float* x, const float* y, cons
   if (G.finite()) {
     for (int64_t i = threadIdx.x; i < G.n; i += blockDim.x) {
 #pragma unroll
-      for (int matching = 0; matching < 2; ++matching) {
+      for (int matching = kIdentity; matching <= kAntiIdentity; ++matching) {
         double d, s;
         G.centred(i, matching, d, s);
         sums.add(matching, d, s);
@@ -76,7 +76,7 @@ static __global__ void __launch_bounds__(kClosedBlock)
   const double nn = static_cast<double>(G.n);
   double result = 0.0;
   if (G.n > 0 && !G.finite()) result = G.has_nan ? CUDART_NAN : CUDART_INF;
-  else if (G.n > 0) result = fmin(G.sums.cost(0, nn), G.sums.cost(1, nn)) / (nn * nn);
+  else if (G.n > 0) result = fmin(G.sums.cost(kIdentity, nn), G.sums.cost(kAntiIdentity, nn)) / (nn * nn);
   out[blockIdx.x] = static_cast<float>(result);
 }
 

@@ -16,6 +16,9 @@ from torch.library import triton_op, wrap_triton
 from ._common import check_device, check_index_range, check_tensor
 
 _BLOCK = 1024
+# The two matchings of x_i: with y_i, or with y_{n-1-i} (the columns of the (BLOCK, 2) tiles below).
+_IDENTITY = tl.constexpr(0)
+_ANTI_IDENTITY = tl.constexpr(1)
 
 
 @triton.jit
@@ -68,7 +71,7 @@ def _gw_sums(x_row, y_row, n, BLOCK: tl.constexpr):
 @triton.jit
 def _partner(i, n):
     """(BLOCK, 2) partner indices of points i (BLOCK, 1): column 0 identity, column 1 anti-identity."""
-    return tl.where(tl.arange(0, 2)[None, :] == 0, i, n - 1 - i)
+    return tl.where(tl.arange(0, 2)[None, :] == _IDENTITY, i, n - 1 - i)
 
 
 @triton.jit
@@ -102,7 +105,7 @@ def _gw1d_backward_kernel(grad_ptr, x_ptr, y_ptr, len_ptr, grad_x_ptr, grad_y_pt
     mean_x, mean_y, _, dd, ss, ddss, ds, dss, dds = _gw_sums(x_row, y_row, n, BLOCK)
     nf = n.to(tl.float64)
     cost = 2 * dd * ss + 2 * nf * ddss + 4 * ds * ds
-    matching = (_pick(cost, 1) < _pick(cost, 0)).to(tl.int32)  # identity on a tie
+    matching = tl.where(_pick(cost, _ANTI_IDENTITY) < _pick(cost, _IDENTITY), _ANTI_IDENTITY, _IDENTITY)
     dd, ss, ds, dss, dds = _pick(dd, matching), _pick(ss, matching), _pick(ds, matching), _pick(dss, matching), \
         _pick(dds, matching)
     scale = tl.load(grad_ptr + row).to(tl.float64) / tl.maximum(nf * nf, 1.0)
@@ -110,7 +113,7 @@ def _gw1d_backward_kernel(grad_ptr, x_ptr, y_ptr, len_ptr, grad_x_ptr, grad_y_pt
     for start in range(0, width, BLOCK):
         i = start + tl.arange(0, BLOCK)
         inside = i < n
-        src = tl.where(matching == 1, n - 1 - i, i)
+        src = tl.where(matching == _ANTI_IDENTITY, n - 1 - i, i)
         d, s = _centred(_load_points(x_row, i, inside), _load_points(y_row, src, inside), mean_x, mean_y)
         # the derivatives of the cost in d_i and s_i (csrc/formulas.h: Gw1dSums::grad_d / grad_s)
         by_d = 4 * d * ss + 4 * nf * d * s * s + 8 * ds * s - 4 * dss

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..contract import VALUES, TopKDegrees
+from ..contract import NODES, VALUES, TopKDegrees
 from ._common import (LOGITS, PROBS, check_device, check_index_range, check_tensor, option_code,
                       padded)
 
@@ -444,7 +444,7 @@ def _check_options(num_graphs, k, vocab, values, temperature, nodes, graph_norm)
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     option_code(graph_norm, "graph_norm")
-    return option_code(values, "values"), option_code(nodes, "nodes") == option_code("rank", "nodes")
+    return option_code(values, "values"), option_code(nodes, "nodes") == NODES["rank"]
 
 
 def _check_logits(logits, rows=None, vocab=None) -> None:

@@ -87,7 +87,7 @@ def degrees_from_kept(kept_values, kept_ids, row_graph, num_graphs: int, num_nod
     contributions = torch.where(valid, wide * wide.sum(-1, keepdim=True), torch.zeros_like(wide))
     degrees = _per_node(index, contributions, size).view(num_graphs, num_nodes)
     if norm == "mean":
-        rows = torch.bincount(row_graph.clamp_min(0), weights=valid.squeeze(-1).double(), minlength=num_graphs)
+        rows = wide.new_zeros(num_graphs).index_add(0, row_graph.clamp_min(0), valid.squeeze(-1).to(wide.dtype))
         degrees = degrees / rows.clamp_min(1).unsqueeze(-1)
     touched = _per_node(index, valid.expand_as(values).to(torch.int32), size, "amax", 0).view(num_graphs, num_nodes)
     return degrees.to(dtype), touched > 0

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-OPS = ("topk_degrees", "sorted_gw1d", "topk_summary")
+OPS = ("topk_degrees", "sorted_gw1d", "topk_summary", "topk_summary_uld", "uld_full")
 SHARED_OPS = ("kept_degrees",)
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
@@ -32,10 +32,13 @@ SHARED_OPS = ("kept_degrees",)
 # 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
 # kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("torch",)},
+    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("cpp", "torch"),
+            "topk_summary_uld": ("cpp", "torch"), "uld_full": ("cpp", "torch")},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
         "topk_summary": ("cuda", "triton", "torch"),
+        "topk_summary_uld": ("cuda", "torch"),
+        "uld_full": ("cuda", "torch"),
         "sorted_gw1d": ("triton", "cuda", "torch"),
     },
 }

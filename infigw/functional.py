@@ -275,7 +275,7 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
              ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, record_tail: str = "zeros", reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_k: int = 10, weight_granularity: str = "sequence",
-             return_components: bool = False):
+             backend: str = "auto", return_components: bool = False):
     """Universal Logit Distillation: sorted-probability L1 between paired student/teacher positions.
 
     The i-th valid student position of a sequence pairs with the i-th valid teacher position (up to the
@@ -291,6 +291,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     top-``weight_k`` logits); ``weight_granularity="sequence"``: ``L_b = sum_s w_{s,b} * mean_i ULD_{s,b,i}``;
     ``"token"`` (ours): one softmax over the teachers per paired student position t,
     ``L_b = (1 / n_b) sum_t sum_s w_{s,b,t} ULD_{s,b,t}`` over the n_b student positions with a pair.
+    ``backend``: the kernels of the full-vocabulary term (op ``uld_full``) and of the top-k selection (op
+    ``topk_summary``), as in :func:`gld_loss`.
     ``return_components``: also a dict with "uld" (S, B) per-teacher means, "weights" (S, B), "included" (S, B)
     and, at token level, "token_weights" (S, B, T).
     """
@@ -303,7 +305,7 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
     per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
-                             record_tail=record_tail)
+                             record_tail=record_tail, backend=backend)
     per_sequence, mean_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
     loss = reduce(per_sequence, included.any(0), reduction)
     components = {"uld": mean_terms.detach(), "weights": weights, "included": included}

@@ -35,14 +35,17 @@ def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str,
     weights, token_weights = zeros, None
     distill = zeros.new_zeros(batch)
     graphs, top_k = lam != 0 and gamma != 0, uld_options["top_k"]
-    # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
+    temperature, backend = gld_options["temperature"], gld_options["backend"]
+    # one read of the student feeds the cross-entropy, GLD and the top-k ULD -- or the full-vocabulary ULD, which
+    # the summary then computes too, so that one backward writes the whole gradient
     summary_k = max(gld_options["k"] if graphs else 1, top_k or 1)
+    full_uld = (uld.full_vocabulary_teachers(inputs, temperature, uld_options["record_tail"])
+                if lam != 0 and top_k is None else None)
     check_labels(inputs, ignore_index)
-    student = summarize(inputs.student, inputs.valid, summary_k, gld_options["temperature"], inputs.labels,
-                        gld_options["backend"])
+    student = summarize(inputs.student, inputs.valid, summary_k, temperature, inputs.labels, backend, full_uld)
     token_ce = torch.where(inputs.valid, student.cross_entropy(), torch.zeros_like(student.lse))
     if lam != 0:
-        per_position = uld.terms(inputs, **uld_options, student=student)
+        per_position = uld.terms(inputs, **uld_options, student=student, backend=backend)
         uld_sum, uld_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
         distill = uld_sum
         if graphs:

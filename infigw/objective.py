@@ -2,7 +2,7 @@
 its cross-entropy term and the combination of the three terms of one call."""
 import torch
 
-from . import functional, uld
+from . import dispatch, functional, uld
 from .checks import check_ids_in_range, check_number
 from .inputs import CallInputs
 from .summary import summarize
@@ -20,6 +20,16 @@ def check_labels(inputs: CallInputs, ignore_index: int) -> None:
     vocab = inputs.student.shape[-1]
     check_ids_in_range(inputs.labels, inputs.valid, vocab,
                        f"labels must be in [0, {vocab}) (the student vocabulary) or ignore_index={ignore_index}")
+
+
+def _summary_computes_uld(backend: str, device: torch.device) -> bool:
+    """Whether the student's summary also computes the full-vocabulary ULD (op ``topk_summary_uld``): wherever
+    it has a kernel, or where neither it nor ``uld_full`` has one; not where only ``uld_full`` has a kernel."""
+    try:
+        return (dispatch.resolve("topk_summary_uld", backend, device)[0] != "torch"
+                or dispatch.resolve("uld_full", backend, device)[0] == "torch")
+    except dispatch.BackendUnavailableError:
+        return False
 
 
 def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str, gld_options: dict,
@@ -40,7 +50,7 @@ def infigfusion(inputs: CallInputs, *, lam: float, gamma: float, reduction: str,
     # the summary then computes too, so that one backward writes the whole gradient
     summary_k = max(gld_options["k"] if graphs else 1, top_k or 1)
     full_uld = (uld.full_vocabulary_teachers(inputs, temperature, uld_options["record_tail"])
-                if lam != 0 and top_k is None else None)
+                if lam != 0 and top_k is None and _summary_computes_uld(backend, inputs.student.device) else None)
     check_labels(inputs, ignore_index)
     student = summarize(inputs.student, inputs.valid, summary_k, temperature, inputs.labels, backend, full_uld)
     token_ce = torch.where(inputs.valid, student.cross_entropy(), torch.zeros_like(student.lse))

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one run from the repository root (it keeps nothing between runs):
 # build the CUDA extension, run the GPU tests, compute-sanitizer, and the GPU benchmarks.
-# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [dlf] [gw]   (default: all)
+# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [objective] [dlf] [gw]
+#        (default: all)
 # POT is not on the GPU machines: carry its wheel in .whl/ (see the device notes) for the gw stage.
 set -uo pipefail
 OUT="${OUT:-/tmp/infigw-gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
-stages="${*:-build test sanitize bench dlf gw}"
+stages="${*:-build test sanitize bench objective dlf gw}"
 status=0
 want() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
@@ -32,7 +33,8 @@ if want test; then
   python3 -m pytest tests/test_extension_ops.py -k cuda -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  python3 -m pytest tests/test_cuda_kernels.py tests/test_triton.py tests/test_dlf.py -q -p no:cacheprovider \
+  python3 -m pytest tests/test_cuda_kernels.py tests/test_triton.py tests/test_dlf.py tests/test_uld_kernels.py \
+    tests/test_objective.py -q -p no:cacheprovider \
     ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -46,6 +48,11 @@ fi
 if want bench; then
   step "GLD benchmarks"
   python3 -m benchmarks.bench_gld_gpu --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gld.log" | tail -60
+fi
+
+if want objective; then
+  step "objective benchmark (ULD kernels, the fused objective; floors at the measured copy bandwidth)"
+  python3 -m benchmarks.bench_objective --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_objective.log" | tail -25
 fi
 
 if want dlf; then

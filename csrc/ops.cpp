@@ -45,24 +45,28 @@ TORCH_LIBRARY(infigw, m) {
   // Full-vocabulary ULD of student rows (N, V) against teacher rows (M, V_t): logits, softmaxed at temperature,
   // or probabilities taken as given (teacher_probs). partner (N,) int64: the teacher row of each student row, -1
   // for none (loss 0, zero gradient, the teacher row is never read). Returns loss (N,) f32 (f64 for f64
-  // students) and both rows' logsumexps (N,) at temperature (0 where not computed), which backward reuses.
+  // students), both rows' logsumexps (N,) at temperature (0 where not computed) and, with keep_signs (a call
+  // that will be differentiated; kernels may ignore it), dL/dp (N, V) and sum_j p_j dL/dp_j (N,), else empty
+  // tensors: what backward reuses.
   m.def(
-      "uld_full(Tensor student, Tensor teacher, Tensor partner, float temperature, bool teacher_probs) -> "
-      "(Tensor loss, Tensor student_lse, Tensor teacher_lse)");
+      "uld_full(Tensor student, Tensor teacher, Tensor partner, float temperature, bool teacher_probs, "
+      "bool keep_signs) -> (Tensor loss, Tensor student_lse, Tensor teacher_lse, Tensor signs, Tensor dot)");
   m.def(
       "uld_full_backward(Tensor grad, Tensor student, Tensor teacher, Tensor partner, Tensor student_lse, "
-      "Tensor teacher_lse, float temperature, bool teacher_probs) -> Tensor");
+      "Tensor teacher_lse, Tensor signs, Tensor dot, float temperature, bool teacher_probs) -> Tensor");
   // One read of each valid student row: its top-k logits kept (N, k) and ids (N, k) in rank order (ties to the
   // smaller id), lse (N,) = logsumexp(logits / temperature), unit (N,) = logsumexp(logits) (empty unless
   // unit_lse), the gold logit (N,) (empty without gold); and, for every teacher s (rows of teachers[s] paired by
-  // partners[s], as uld_full), uld (S, N) and the teachers' logsumexps (S, N). Zeros on invalid rows. Backward
-  // writes the logits gradient once: the dense softmax terms, the ULD terms and the k-sparse kept entries.
+  // partners[s], as uld_full), uld (S, N), the teachers' logsumexps (S, N) and, with keep_signs and one teacher,
+  // its signs (N, V) and dot (1, N) as uld_full keeps them (else empty). Zeros on invalid rows. Backward writes
+  // the logits gradient once: the dense softmax terms, the ULD terms and the k-sparse kept entries.
   m.def(
       "topk_summary(Tensor logits, Tensor row_valid, int k, float temperature, Tensor? gold, bool unit_lse, "
-      "Tensor[] teachers, Tensor partners, bool[] teacher_probs) -> (Tensor kept, Tensor ids, Tensor lse, "
-      "Tensor unit, Tensor gold_logit, Tensor uld, Tensor teacher_lse)");
+      "Tensor[] teachers, Tensor partners, bool[] teacher_probs, bool keep_signs) -> (Tensor kept, Tensor ids, "
+      "Tensor lse, Tensor unit, Tensor gold_logit, Tensor uld, Tensor teacher_lse, Tensor signs, Tensor uld_dot)");
   m.def(
       "topk_summary_backward(Tensor grad_kept, Tensor grad_lse, Tensor grad_unit, Tensor grad_gold, "
       "Tensor grad_uld, Tensor logits, Tensor row_valid, Tensor ids, Tensor lse, Tensor unit, Tensor? gold, "
-      "float temperature, Tensor[] teachers, Tensor partners, bool[] teacher_probs, Tensor teacher_lse) -> Tensor");
+      "float temperature, Tensor[] teachers, Tensor partners, bool[] teacher_probs, Tensor teacher_lse, "
+      "Tensor signs, Tensor uld_dot) -> Tensor");
 }

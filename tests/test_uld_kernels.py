@@ -305,47 +305,54 @@ def test_opcheck_objective_ops(device):
     student = torch.randn(9, 40, generator=gen).to(device).requires_grad_(True)
     teacher = torch.randn(7, 45, generator=gen).to(device)
     partner = torch.tensor([0, 6, -1, 2, 2, 1, -1, 3, 5], device=device)
-    torch.library.opcheck(ops.uld_full.default, (student, teacher, partner, 1.3, False))
-    loss, student_lse, teacher_lse = ops.uld_full(student.detach(), teacher, partner, 1.3, False)
-    torch.library.opcheck(ops.uld_full_backward.default, (torch.randn_like(loss), student.detach(), teacher, partner,
-                                                          student_lse, teacher_lse, 1.3, False))
+    for keep_signs in (False, True):
+        torch.library.opcheck(ops.uld_full.default, (student, teacher, partner, 1.3, False, keep_signs))
+        loss, student_lse, teacher_lse, signs, dot = ops.uld_full(student.detach(), teacher, partner, 1.3, False,
+                                                                  keep_signs)
+        torch.library.opcheck(ops.uld_full_backward.default, (torch.randn_like(loss), student.detach(), teacher,
+                                                              partner, student_lse, teacher_lse, signs, dot, 1.3,
+                                                              False))
     valid = (partner >= 0) | (torch.arange(9, device=device) == 2)
     gold = torch.randint(0, 40, (9,), generator=gen).to(device)
     no_partners = torch.empty((0, 9), dtype=torch.long, device=device)
-    for args in ((4, 0.7, gold, True, [], no_partners, []), (4, 1.0, None, False, [teacher], partner[None], [False])):
+    for args in ((4, 0.7, gold, True, [], no_partners, [], False),
+                 (4, 1.0, None, False, [teacher], partner[None], [False], True),
+                 (4, 1.0, gold, False, [teacher, teacher], torch.stack([partner, partner]), [False, False], True)):
         torch.library.opcheck(ops.topk_summary.default, (student, valid) + args)
-    outputs = ops.topk_summary(student.detach(), valid, 4, 0.7, gold, True, [teacher], partner[None], [False])
-    kept, ids, lse, unit, gold_logit, uld, teacher_lse = outputs
-    grads = [torch.randn_like(t) for t in (kept, lse, unit, gold_logit, uld)]
-    torch.library.opcheck(ops.topk_summary_backward.default,
-                          (*grads, student.detach(), valid, ids, lse, unit, gold, 0.7, [teacher], partner[None],
-                           [False], teacher_lse))
+    for keep_signs in (False, True):
+        outputs = ops.topk_summary(student.detach(), valid, 4, 0.7, gold, True, [teacher], partner[None], [False],
+                                   keep_signs)
+        kept, ids, lse, unit, gold_logit, uld, teacher_lse, signs, uld_dot = outputs
+        grads = [torch.randn_like(t) for t in (kept, lse, unit, gold_logit, uld)]
+        torch.library.opcheck(ops.topk_summary_backward.default,
+                              (*grads, student.detach(), valid, ids, lse, unit, gold, 0.7, [teacher], partner[None],
+                               [False], teacher_lse, signs, uld_dot))
 
 
 @pytest.mark.skipif(_STATUS["cpp"] != "available", reason=f"C++ extension not usable: {_STATUS['cpp']}")
 @pytest.mark.parametrize("call,error,match", [
-    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 2, -1]), 1.0, False),
+    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 2, -1]), 1.0, False, False),
      ValueError, r"partner entries must lie in \[-1, 2\)"),
-    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1]), 1.0, False),
+    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1]), 1.0, False, False),
      ValueError, r"partner must have shape \(3,\)"),
     (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1, 1], dtype=torch.int32), 1.0,
-                          False), TypeError, "partner must be int64"),
-    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(5), torch.tensor([0, 1, 1]), 1.0, False),
+                          False, False), TypeError, "partner must be int64"),
+    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(5), torch.tensor([0, 1, 1]), 1.0, False, False),
      ValueError, r"teacher must have shape \(M, V_t\)"),
-    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1, 1]), 0.0, False),
+    (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1, 1]), 0.0, False, False),
      ValueError, "temperature must be a positive finite number"),
     (lambda o: o.uld_full(torch.zeros(3, 5, dtype=torch.long), torch.randn(2, 5), torch.tensor([0, 1, 1]), 1.0,
-                          False), TypeError, "student must be floating point"),
+                          False, False), TypeError, "student must be floating point"),
     (lambda o: o.topk_summary(torch.randn(3, 5), torch.tensor([True, False, True]), 2, 1.0, None, False,
-                              [torch.randn(2, 5)], torch.tensor([[0, 1, -1]]), [False]),
+                              [torch.randn(2, 5)], torch.tensor([[0, 1, -1]]), [False], False),
      ValueError, r"partners\[0\] must be -1 on invalid rows"),
     (lambda o: o.topk_summary(torch.randn(3, 5), torch.ones(3, dtype=torch.bool), 2, 1.0, torch.tensor([0, 5, 1]),
-                              False, [], torch.empty(0, 3, dtype=torch.long), []),
+                              False, [], torch.empty(0, 3, dtype=torch.long), [], False),
      ValueError, r"gold ids must lie in \[0, 5\)"),
     (lambda o: o.topk_summary(torch.randn(3, 5), torch.ones(3, dtype=torch.bool), 6, 1.0, None, False, [],
-                              torch.empty(0, 3, dtype=torch.long), []), ValueError, r"k must lie in \[1, V=5\]"),
+                              torch.empty(0, 3, dtype=torch.long), [], False), ValueError, r"k must lie in \[1, V=5\]"),
     (lambda o: o.topk_summary(torch.randn(3, 5), torch.ones(3, dtype=torch.bool), 2, 1.0, None, False,
-                              [torch.randn(2, 5)], torch.tensor([[0, 1, 1]]), []),
+                              [torch.randn(2, 5)], torch.tensor([[0, 1, 1]]), [], False),
      ValueError, "teacher_probs must have one entry per teacher"),
 ], ids=["partner range", "partner shape", "partner dtype", "teacher shape", "temperature", "student dtype",
         "partner on invalid row", "gold range", "k", "teacher_probs"])

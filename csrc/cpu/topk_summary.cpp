@@ -10,8 +10,8 @@
 // Backward writes each gradient row once:
 //   dL/dx_j = p_j (grad_lse + G_j - D) / T + grad_unit softmax(x)_j + grad_gold [j = gold] + grad_kept [j kept],
 // p = softmax(x / T), G_j = sum_s grad_uld_s g_sj and D = sum_s grad_uld_s sum_i p_i g_si with g_s the ULD
-// gradient of teacher s in the student probabilities, recomputed from the saved logsumexps. No (N, V) temporary
-// besides the gradient itself.
+// gradient of teacher s in the student probabilities: kept by the forward for one teacher (keep_signs), else
+// recomputed from the saved logsumexps (cpu/uld_rows.h). Besides the gradient, at most the kept signs are (N, V).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,7 +28,7 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The teachers of the fused ULD: S teachers and their (S, N) partners.
 template <typename acc_t>
@@ -55,6 +55,13 @@ std::vector<bool> as_vector(const c10::List<bool>& flags) {
   for (const bool flag : flags) out.push_back(flag);
   return out;
 }
+
+// Per-thread scratch of the summary rows.
+template <typename acc_t>
+struct RowScratch : UldScratch<acc_t> {
+  std::vector<std::pair<acc_t, int64_t>> selection;       // select_row's buffer (large k)
+  std::vector<acc_t> combined, unit_probs, row_grad;      // backward: sum_s w_s g_s, softmax(x), a 16-bit row
+};
 
 struct Checked {
   Tensor logits, valid, gold, partners;
@@ -110,7 +117,7 @@ Checked check_inputs(const Tensor& logits, const Tensor& row_valid, int64_t k, d
 
 template <typename scalar_t>
 Outputs forward_impl(const Checked& in, int64_t k, double temperature_d, bool unit_lse,
-                     const std::vector<bool>& teacher_probs) {
+                     const std::vector<bool>& teacher_probs, bool keep_signs) {
   using acc_t = acc_type<scalar_t>;
   const int64_t rows = in.logits.size(0), vocab = in.logits.size(1);
   const int64_t num = static_cast<int64_t>(in.teachers.size());
@@ -120,6 +127,11 @@ Outputs forward_impl(const Checked& in, int64_t k, double temperature_d, bool un
   Tensor lse = at::zeros({rows}, acc), unit = at::zeros({unit_lse ? rows : 0}, acc);
   Tensor gold_logit = at::zeros({with_gold ? rows : 0}, acc);
   Tensor uld = at::zeros({num, rows}, acc), teacher_lse = at::zeros({num, rows}, acc);
+  // the ULD signs of one teacher (cpu/uld_rows.h); several teachers recompute theirs in backward
+  keep_signs = keep_signs && num == 1;
+  Tensor signs = at::empty({keep_signs ? rows : 0, vocab}, acc), uld_dot = at::zeros({keep_signs ? 1 : 0, rows}, acc);
+  if (keep_signs) advise_huge_pages(signs.data_ptr(), signs.nbytes());
+  acc_t *sign_rows = signs.data_ptr<acc_t>(), *dots = uld_dot.data_ptr<acc_t>();
   const scalar_t* x = in.logits.data_ptr<scalar_t>();
   const bool* valid = in.valid.data_ptr<bool>();
   const int64_t* gold = with_gold ? in.gold.data_ptr<int64_t>() : nullptr;
@@ -129,42 +141,38 @@ Outputs forward_impl(const Checked& in, int64_t k, double temperature_d, bool un
   int64_t* ids_out = ids.data_ptr<int64_t>();
   const acc_t temperature = static_cast<acc_t>(temperature_d);
   const SummaryTeachers<acc_t> teachers(in.teachers, teacher_probs, in.partners, rows);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / vocab), [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<acc_t, int64_t>> selection;
-    UldScratch<acc_t> scratch;
-    for (int64_t r = begin; r < end; ++r) {
-      if (!valid[r]) continue;
-      const scalar_t* row = x + r * vocab;
-      select_row(row, vocab, k, kept_out + r * k, ids_out + r * k, selection);
-      const acc_t high = kept_out[r * k];  // the row's maximum (NaN when it holds one)
-      lse_out[r] = row_logsumexp(row, vocab, high, temperature, scratch.buffer);
-      if (unit_lse) unit_out[r] = row_logsumexp(row, vocab, high, acc_t(1), scratch.buffer);
-      if (gold) gold_out[r] = static_cast<acc_t>(row[gold[r]]);
-      if (!teachers.any_partner(r)) continue;
-      scratch.p.resize(vocab);
-      softmax_from_lse(row, vocab, temperature, lse_out[r], scratch.p.data(), scratch.buffer);
-      for (int64_t s = 0; s < num; ++s) {
-        const int64_t partner = teachers.partner(s, r);
-        if (partner < 0) continue;
-        const UldTeacher<acc_t>& teacher = teachers.teachers[s];
-        scratch.q.resize(teacher.width());
-        teacher.distribution(partner, temperature, true, tlse_out[s * rows + r], scratch.q.data(), scratch.buffer);
-        uld_out[s * rows + r] =
-            scratch.sorted_l1(scratch.p.data(), vocab, scratch.q.data(), teacher.width(), nullptr);
-      }
+  for_each_row(rows, [] { return RowScratch<acc_t>(); }, [&](RowScratch<acc_t>& scratch, int64_t r) {
+    if (keep_signs && !(valid[r] && teachers.any_partner(r)))
+      std::fill(sign_rows + r * vocab, sign_rows + (r + 1) * vocab, acc_t(0));
+    if (!valid[r]) return;
+    const scalar_t* row = x + r * vocab;
+    select_row(row, vocab, k, kept_out + r * k, ids_out + r * k, scratch.selection);
+    const acc_t high = kept_out[r * k];  // the row's maximum (NaN when it holds one)
+    lse_out[r] = row_logsumexp(row, vocab, high, temperature, scratch.buffer);
+    if (unit_lse) unit_out[r] = row_logsumexp(row, vocab, high, acc_t(1), scratch.buffer);
+    if (gold) gold_out[r] = static_cast<acc_t>(row[gold[r]]);
+    if (!teachers.any_partner(r)) return;
+    scratch.p.resize(vocab);
+    softmax_from_lse(row, vocab, temperature, lse_out[r], scratch.p.data(), scratch.buffer);
+    for (int64_t s = 0; s < num; ++s) {
+      const int64_t partner = teachers.partner(s, r);
+      if (partner < 0) continue;
+      uld_out[s * rows + r] = uld_row(scratch, scratch.p.data(), vocab, teachers.teachers[s], partner, temperature,
+                                      true, tlse_out[s * rows + r], keep_signs ? sign_rows + r * vocab : nullptr,
+                                      keep_signs ? dots + r : nullptr);
     }
   });
-  return {kept, ids, lse, unit, gold_logit, uld, teacher_lse};
+  return {kept, ids, lse, unit, gold_logit, uld, teacher_lse, signs, uld_dot};
 }
 
 Outputs topk_summary_cpu(const Tensor& logits, const Tensor& row_valid, int64_t k, double temperature,
                          const c10::optional<Tensor>& gold, bool unit_lse, at::TensorList teachers,
-                         const Tensor& partners, const c10::List<bool>& teacher_probs) {
+                         const Tensor& partners, const c10::List<bool>& teacher_probs, bool keep_signs) {
   const Checked in = check_inputs(logits, row_valid, k, temperature, gold, teachers, partners, teacher_probs);
   const std::vector<bool> probs = as_vector(teacher_probs);
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "infigw_topk_summary", [&] {
-    out = forward_impl<scalar_t>(in, k, temperature, unit_lse, probs);
+    out = forward_impl<scalar_t>(in, k, temperature, unit_lse, probs, keep_signs);
   });
   return out;
 }
@@ -174,6 +182,7 @@ template <typename acc_t>
 struct SummaryGrads {
   const acc_t *kept, *lse, *unit, *gold, *uld;
   const acc_t *row_lse, *row_unit, *teacher_lse;
+  const acc_t *signs, *uld_dot;  // the forward's ULD signs of the one teacher, or null
   const int64_t* ids;
   const int64_t* gold_ids;
   int64_t k;
@@ -192,52 +201,58 @@ Tensor backward_impl(const Checked& in, const SummaryGrads<acc_type<scalar_t>>& 
   const bool* valid = in.valid.data_ptr<bool>();
   const acc_t temperature = static_cast<acc_t>(temperature_d);
   const SummaryTeachers<acc_t> teachers(in.teachers, teacher_probs, in.partners, rows);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / vocab), [&](int64_t begin, int64_t end) {
-    UldScratch<acc_t> scratch;
-    std::vector<acc_t> combined(vocab), unit_probs, row_grad(std::is_same<scalar_t, acc_t>::value ? 0 : vocab);
+  constexpr bool dst_as_acc = std::is_same<scalar_t, acc_t>::value;  // fp32/fp64 rows are built in place
+  for_each_row(rows, [] { return RowScratch<acc_t>(); }, [&](RowScratch<acc_t>& scratch, int64_t r) {
+    scalar_t* dst = dx + r * vocab;
+    if (!valid[r]) {
+      std::fill(dst, dst + vocab, scalar_t(0));
+      return;
+    }
+    const scalar_t* row = x + r * vocab;
+    acc_t* d = dst_as_acc ? reinterpret_cast<acc_t*>(dst) : (scratch.row_grad.resize(vocab), scratch.row_grad.data());
     scratch.p.resize(vocab);
-    scratch.g.resize(vocab);
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* dst = dx + r * vocab;
-      if (!valid[r]) {
-        std::fill(dst, dst + vocab, scalar_t(0));
+    acc_t* p = scratch.p.data();
+    softmax_from_lse(row, vocab, temperature, grads.row_lse[r], p, scratch.buffer);
+    // Every dense term of softmax(x / T) shares p_j / T: grad_lse and the ULD terms sum_s w_s (g_sj - dot_s),
+    // so d_j = p_j (base + weight * signs_j) / T with signs = the one teacher's kept signs, or sum_s w_s g_s.
+    double base = grads.lse[r];
+    const acc_t* signs = nullptr;
+    acc_t weight = 1;
+    for (int64_t s = 0; s < num; ++s) {
+      const int64_t partner = teachers.partner(s, r);
+      if (partner < 0) continue;
+      const acc_t w = grads.uld[s * rows + r];
+      if (grads.signs) {
+        signs = grads.signs + r * vocab;
+        weight = w;
+        base -= static_cast<double>(w) * grads.uld_dot[r];
         continue;
       }
-      const scalar_t* row = x + r * vocab;
-      acc_t* d = row_grad.empty() ? reinterpret_cast<acc_t*>(dst) : row_grad.data();
-      acc_t* p = scratch.p.data();
-      softmax_from_lse(row, vocab, temperature, grads.row_lse[r], p, scratch.buffer);
-      // G_j - D of the ULD terms, added to grad_lse: every dense term of softmax(x / T) shares p_j / T
-      double shift = grads.lse[r];
-      bool uld_terms = false;
-      for (int64_t s = 0; s < num; ++s) {
-        const int64_t partner = teachers.partner(s, r);
-        if (partner < 0) continue;
-        const acc_t weight = grads.uld[s * rows + r];
-        const double dot = uld_row_gradient(scratch, p, vocab, teachers.teachers[s], partner, temperature,
-                                            grads.teacher_lse[s * rows + r], scratch.g.data());
-        if (!uld_terms) std::fill(combined.begin(), combined.end(), acc_t(0));
-        for (int64_t j = 0; j < vocab; ++j) combined[j] += weight * scratch.g[j];
-        shift -= weight * dot;
-        uld_terms = true;
-      }
-      const acc_t base = static_cast<acc_t>(shift);
-      if (uld_terms) {
-        for (int64_t j = 0; j < vocab; ++j) d[j] = p[j] * (base + combined[j]) / temperature;
-      } else {
-        for (int64_t j = 0; j < vocab; ++j) d[j] = p[j] * base / temperature;
-      }
-      if (grads.unit) {  // the cross-entropy's softmax at temperature 1
-        unit_probs.resize(vocab);
-        softmax_from_lse(row, vocab, acc_t(1), grads.row_unit[r], unit_probs.data(), scratch.buffer);
-        const acc_t weight = grads.unit[r];
-        for (int64_t j = 0; j < vocab; ++j) d[j] += weight * unit_probs[j];
-      }
-      if (grads.gold) d[grads.gold_ids[r]] += grads.gold[r];
-      for (int64_t i = 0; i < k; ++i) d[grads.ids[r * k + i]] += grads.kept[r * k + i];
-      if (!row_grad.empty())
-        for (int64_t j = 0; j < vocab; ++j) dst[j] = static_cast<scalar_t>(d[j]);
+      scratch.g.resize(vocab);
+      scratch.combined.resize(vocab);
+      acc_t dot = 0, teacher_lse = grads.teacher_lse[s * rows + r];
+      uld_row(scratch, p, vocab, teachers.teachers[s], partner, temperature, false, teacher_lse, scratch.g.data(), &dot);
+      acc_t* combined = scratch.combined.data();
+      for (int64_t j = 0; j < vocab; ++j) combined[j] = (signs ? combined[j] : acc_t(0)) + w * scratch.g[j];
+      signs = combined;
+      base -= static_cast<double>(w) * dot;
     }
+    const acc_t shift = static_cast<acc_t>(base);
+    if (signs) {
+      for (int64_t j = 0; j < vocab; ++j) d[j] = p[j] * (shift + weight * signs[j]) / temperature;
+    } else {
+      for (int64_t j = 0; j < vocab; ++j) d[j] = p[j] * shift / temperature;
+    }
+    if (grads.unit) {  // the cross-entropy's softmax at temperature 1
+      scratch.unit_probs.resize(vocab);
+      softmax_from_lse(row, vocab, acc_t(1), grads.row_unit[r], scratch.unit_probs.data(), scratch.buffer);
+      const acc_t w = grads.unit[r];
+      for (int64_t j = 0; j < vocab; ++j) d[j] += w * scratch.unit_probs[j];
+    }
+    if (grads.gold) d[grads.gold_ids[r]] += grads.gold[r];
+    for (int64_t i = 0; i < k; ++i) d[grads.ids[r * k + i]] += grads.kept[r * k + i];
+    if (!dst_as_acc)
+      for (int64_t j = 0; j < vocab; ++j) dst[j] = static_cast<scalar_t>(d[j]);
   });
   return grad_logits;
 }
@@ -254,7 +269,7 @@ Tensor topk_summary_backward_cpu(const Tensor& grad_kept, const Tensor& grad_lse
                                  const Tensor& row_valid, const Tensor& ids, const Tensor& lse, const Tensor& unit,
                                  const c10::optional<Tensor>& gold, double temperature, at::TensorList teachers,
                                  const Tensor& partners, const c10::List<bool>& teacher_probs,
-                                 const Tensor& teacher_lse) {
+                                 const Tensor& teacher_lse, const Tensor& signs, const Tensor& uld_dot) {
   const int64_t k = ids.dim() == 2 ? ids.size(1) : 0;
   const Checked in = check_inputs(logits, row_valid, std::max<int64_t>(k, 1), temperature, gold, teachers, partners,
                                   teacher_probs);
@@ -276,6 +291,10 @@ Tensor topk_summary_backward_cpu(const Tensor& grad_kept, const Tensor& grad_lse
   const Tensor row_lse = accumulation_grad(lse, {rows}, acc, "lse");
   const Tensor row_unit = accumulation_grad(unit, {with_unit ? rows : 0}, acc, "unit");
   const Tensor tl = accumulation_grad(teacher_lse, {num, rows}, acc, "teacher_lse");
+  const bool kept = signs.numel() > 0;
+  TORCH_CHECK_VALUE(!kept || num == 1, "signs are kept for one teacher only, got ", num, " teachers");
+  const Tensor kept_signs = accumulation_grad(signs, {kept ? rows : 0, logits.size(1)}, acc, "signs");
+  const Tensor kept_dot = accumulation_grad(uld_dot, {kept ? 1 : 0, rows}, acc, "uld_dot");
   const std::vector<bool> probs = as_vector(teacher_probs);
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "infigw_topk_summary_backward", [&] {
@@ -288,6 +307,8 @@ Tensor topk_summary_backward_cpu(const Tensor& grad_kept, const Tensor& grad_lse
                                     row_lse.data_ptr<acc_t>(),
                                     with_unit ? row_unit.data_ptr<acc_t>() : nullptr,
                                     tl.data_ptr<acc_t>(),
+                                    kept ? kept_signs.data_ptr<acc_t>() : nullptr,
+                                    kept ? kept_dot.data_ptr<acc_t>() : nullptr,
                                     id_data,
                                     with_gold ? in.gold.data_ptr<int64_t>() : nullptr,
                                     k};

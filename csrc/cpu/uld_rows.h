@@ -1,12 +1,20 @@
 // The rows of ULD on the CPU (docs/math.md §7), shared by uld.cpp and the fused summary of topk_summary.cpp:
 // the distribution of a row -- softmax(x / T) of logits, or a teacher row of probabilities taken as given --
-// as acc_t, its logsumexp, the argument checks of the teachers and their partners, and the ULD gradient of one
-// student row.
+// as acc_t, its logsumexp, ULD and its gradient for one pair of rows, and the argument checks of the teachers
+// and their partners.
+//
+// Signs: the forward of a call that will be differentiated may keep dL/dp of every row ("signs", one (N, V)
+// buffer in the accumulation dtype) and sum_j p_j dL/dp_j; backward then needs only p, recomputed from the
+// logsumexp in one exp pass, instead of both distributions and the sorted L1 again. Without them (inference,
+// several teachers in the fused summary) backward recomputes.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -19,6 +27,19 @@
 
 namespace infigw {
 namespace cpu {
+
+// body(state, row) for every row of [0, rows), the rows handed out one at a time to the threads of
+// at::parallel_for, each with its own state = make_state(): a thread whose rows cost more (ULD's cost varies with
+// how many entries stay mixed) or that the OS preempts (a shared machine) does not hold the others up, as a
+// static split of the rows would.
+template <typename MakeState, typename Body>
+void for_each_row(int64_t rows, MakeState make_state, Body body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(rows, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t r = next.fetch_add(1); r < rows; r = next.fetch_add(1)) body(state, r);
+  });
+}
 
 // max_j row_j, NaN when the row holds a NaN (as the first kept value of select_row).
 template <typename scalar_t, typename acc_t>
@@ -78,18 +99,22 @@ struct UldScratch {
   std::vector<float> buffer;
 };
 
-// dL/dp of one student row p (np entries) against one teacher row into `g`, and returns sum_j p_j g_j: the
-// student gradient of ULD is then dL/dx_j = p_j (g_j - sum) / T.
+// ULD of one student row p (np entries) against teacher row `teacher_row` (its distribution into scratch.q, its
+// logsumexp computed into or read from `teacher_lse`). With `g`, also dL/dp into g[0, np) and sum_j p_j g_j into
+// *dot: the student gradient of ULD is then dL/dx_j = p_j (g_j - dot) / T.
 template <typename acc_t>
-double uld_row_gradient(UldScratch<acc_t>& scratch, const acc_t* p, int64_t np, const UldTeacher<acc_t>& teacher,
-                        int64_t teacher_row, acc_t temperature, acc_t teacher_lse, acc_t* g) {
+acc_t uld_row(UldScratch<acc_t>& scratch, const acc_t* p, int64_t np, const UldTeacher<acc_t>& teacher,
+              int64_t teacher_row, acc_t temperature, bool compute_lse, acc_t& teacher_lse, acc_t* g, acc_t* dot) {
   scratch.q.resize(teacher.width());
-  teacher.distribution(teacher_row, temperature, false, teacher_lse, scratch.q.data(), scratch.buffer);
-  scratch.sorted_l1(p, np, scratch.q.data(), teacher.width(), g);
-  double dot = 0;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < np; ++j) dot += static_cast<double>(p[j]) * g[j];
-  return dot;
+  teacher.distribution(teacher_row, temperature, compute_lse, teacher_lse, scratch.q.data(), scratch.buffer);
+  const acc_t loss = scratch.sorted_l1(p, np, scratch.q.data(), teacher.width(), g);
+  if (g) {
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < np; ++j) sum += static_cast<double>(p[j]) * g[j];
+    *dot = static_cast<acc_t>(sum);
+  }
+  return loss;
 }
 
 inline void check_teacher(const at::Tensor& teacher, const std::string& name) {

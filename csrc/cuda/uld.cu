@@ -132,8 +132,11 @@ void for_each_chunk(const Inputs& in, bool backward, double temperature, bool te
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> uld_full_cuda(const Tensor& student_in, const Tensor& teacher_in,
-                                                 const Tensor& partner_in, double temperature, bool teacher_probs) {
+// keep_signs is ignored: signs of every row would cost an (N, V) fp32 buffer on the GPU; backward recomputes.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> uld_full_cuda(const Tensor& student_in, const Tensor& teacher_in,
+                                                                 const Tensor& partner_in, double temperature,
+                                                                 bool teacher_probs, bool keep_signs) {
+  (void)keep_signs;
   const c10::cuda::CUDAGuard guard(student_in.device());
   const Inputs in = check_inputs(student_in, teacher_in, partner_in, temperature, teacher_probs);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -147,12 +150,14 @@ std::tuple<Tensor, Tensor, Tensor> uld_full_cuda(const Tensor& student_in, const
                    check_launch(launch_uld_sort(chunk.sort_temp.data_ptr(), bytes, C, stream));
                    check_launch(launch_uld_resolve(C, loss.data_ptr<float>(), nullptr, stream));
                  });
-  return {loss, student_lse, teacher_lse};
+  return {loss, student_lse, teacher_lse, at::empty({0, in.student.size(1)}, f32), at::empty({0}, f32)};
 }
 
 Tensor uld_full_backward_cuda(const Tensor& grad_in, const Tensor& student_in, const Tensor& teacher_in,
                               const Tensor& partner_in, const Tensor& student_lse_in, const Tensor& teacher_lse_in,
-                              double temperature, bool teacher_probs) {
+                              const Tensor& signs, const Tensor& dot, double temperature, bool teacher_probs) {
+  TORCH_CHECK_VALUE(signs.numel() == 0 && dot.numel() == 0, "the CUDA kernels keep no signs: signs and dot must be "
+                    "empty, got shapes ", signs.sizes(), " and ", dot.sizes());
   const c10::cuda::CUDAGuard guard(student_in.device());
   const Inputs in = check_inputs(student_in, teacher_in, partner_in, temperature, teacher_probs);
   const int64_t rows = in.student.size(0);

@@ -96,7 +96,12 @@ __device__ float block_logsumexp(Load load, int64_t n, float inv_temperature, fl
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const float z = load(j) * inv_temperature;
     nan |= z != z;
-    merge_lse(m, s, z, 1.0f);
+    if (z > m) {  // one exp per entry: the sum is rescaled only when the maximum grows
+      s = (m == -INFINITY ? 0.0f : s * __expf(m - z)) + 1.0f;
+      m = z;
+    } else if (z != -INFINITY) {
+      s += __expf(z - m);
+    }
   }
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
@@ -115,6 +120,25 @@ __device__ float block_logsumexp(Load load, int64_t n, float inv_temperature, fl
   __syncthreads();
   if (any_nan) return NAN;
   return total_m + __logf(total_s);  // -inf for a row of -inf (then every probability is NaN, as in torch)
+}
+
+// counts[bin] += 1 for one entry per lane (bin = kUldBins: none); lanes with the same bin add once, so that the
+// shared atomics do not serialise on the few bins that hold most entries. Called by whole warps.
+__device__ __forceinline__ void count_bin(uint32_t* counts, int bin) {
+  const unsigned peers = __match_any_sync(kFullMask, bin);
+  if (bin < kUldBins && static_cast<int>(threadIdx.x % kWarp) == __ffs(peers) - 1) atomicAdd(&counts[bin], __popc(peers));
+}
+
+// A slot in the row's mixed segment for each lane that appends (else -1): one shared atomic per warp. Called by
+// whole warps.
+__device__ __forceinline__ int append_slot(bool append, int* count) {
+  const unsigned ballot = __ballot_sync(kFullMask, append);
+  if (ballot == 0) return -1;
+  const int lane = threadIdx.x % kWarp, leader = __ffs(ballot) - 1;
+  int base = 0;
+  if (lane == leader) base = atomicAdd(count, __popc(ballot));
+  base = __shfl_sync(kFullMask, base, leader);
+  return append ? base + __popc(ballot & ((1u << lane) - 1u)) : -1;
 }
 
 // Exclusive prefix sums of two ints over the block in thread order; every thread gets its own.
@@ -187,16 +211,21 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
   for (int b = threadIdx.x; b < kUldBins; b += blockDim.x) count_p[b] = count_q[b] = 0;
   if (threadIdx.x == 0) mixed_p = mixed_q = 0;
   __syncthreads();
+  // Whole tiles of the block, so that every lane reaches the warp collectives; lanes past the row count nothing.
   bool nan = false;
-  for (int64_t j = threadIdx.x; j < C.vocab; j += blockDim.x) {
-    const uint32_t key = uld_key(p_of(j));
-    if (key > kUldInfinityKey) nan = true;
-    else atomicAdd(&count_p[key >> kUldBinShift], 1u);
+  for (int64_t base = 0; base < C.vocab; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t key = j < C.vocab ? uld_key(p_of(j)) : 0u;
+    const bool bad = j < C.vocab && key > kUldInfinityKey;
+    nan |= bad;
+    count_bin(count_p, j < C.vocab && !bad ? static_cast<int>(key >> kUldBinShift) : kUldBins);
   }
-  for (int64_t j = threadIdx.x; j < C.teacher_vocab; j += blockDim.x) {
-    const uint32_t key = uld_key(q_of(j));
-    if (key > kUldInfinityKey) nan = true;
-    else atomicAdd(&count_q[key >> kUldBinShift], 1u);
+  for (int64_t base = 0; base < C.teacher_vocab; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t key = j < C.teacher_vocab ? uld_key(q_of(j)) : 0u;
+    const bool bad = j < C.teacher_vocab && key > kUldInfinityKey;
+    nan |= bad;
+    count_bin(count_q, j < C.teacher_vocab && !bad ? static_cast<int>(key >> kUldBinShift) : kUldBins);
   }
   const int any_nan = __syncthreads_or(nan);
 
@@ -226,24 +255,26 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
   // Decided entries add s * value; mixed ones go to the row's segments (any order: they are sorted next).
   float sum_p = 0.0f, sum_q = 0.0f;
   if (!any_nan) {
-    for (int64_t j = threadIdx.x; j < C.vocab; j += blockDim.x) {
-      const float p = p_of(j);
+    for (int64_t base = 0; base < C.vocab; base += blockDim.x) {
+      const int64_t j = base + threadIdx.x;
+      const float p = j < C.vocab ? p_of(j) : 0.0f;
       const uint32_t key = uld_key(p);
-      const int s = sign[key >> kUldBinShift];
-      if (s != 0) {
-        sum_p += s * p;
-      } else {
-        const int slot = atomicAdd(&mixed_p, 1);
+      const int s = j < C.vocab ? sign[key >> kUldBinShift] : 1;
+      sum_p += s * p;
+      const int slot = append_slot(s == 0, &mixed_p);
+      if (slot >= 0) {
         C.mixed_p_keys[base_p + slot] = key;
         C.mixed_p_ids[base_p + slot] = static_cast<uint32_t>(j);
       }
     }
-    for (int64_t j = threadIdx.x; j < C.teacher_vocab; j += blockDim.x) {
-      const float q = q_of(j);
+    for (int64_t base = 0; base < C.teacher_vocab; base += blockDim.x) {
+      const int64_t j = base + threadIdx.x;
+      const float q = j < C.teacher_vocab ? q_of(j) : 0.0f;
       const uint32_t key = uld_key(q);
-      const int s = sign[key >> kUldBinShift];
-      if (s != 0) sum_q += s * q;
-      else C.mixed_q_keys[base_q + atomicAdd(&mixed_q, 1)] = key;
+      const int s = j < C.teacher_vocab ? sign[key >> kUldBinShift] : 1;
+      sum_q += s * q;
+      const int slot = append_slot(s == 0, &mixed_q);
+      if (slot >= 0) C.mixed_q_keys[base_q + slot] = key;
     }
   }
   float sums[2] = {sum_p, sum_q};

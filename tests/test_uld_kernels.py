@@ -158,6 +158,22 @@ def test_uld_full_unpaired_padding_and_nan_rows(backend, device):
 
 
 @kernel_params("uld_full")
+def test_uld_full_backward_with_and_without_kept_signs(backend, device):
+    """A forward that keeps its signs and one that does not (backward then recomputes them) give one gradient."""
+    gen = torch.Generator().manual_seed(14)
+    student = torch.randn(24, 500, generator=gen).to(device)
+    teacher = torch.randn(20, 530, generator=gen).to(device)
+    partner = random_partner(24, 20, gen).to(device)
+    grads = []
+    for keep_signs in (True, False):
+        x = student.clone().requires_grad_(True)
+        loss = torch.ops.infigw.uld_full(x, teacher, partner, 0.9, False, keep_signs)[0]
+        (grad,) = torch.autograd.grad((loss * torch.arange(24, device=device)).sum(), x)
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1]), "kept and recomputed signs must give the same gradient"
+
+
+@kernel_params("uld_full")
 def test_uld_full_no_teacher_rows(backend, device):
     student = torch.randn(4, 9)
     (ours, grad), (ref, _) = run_uld(backend, device, student, torch.randn(0, 9), torch.full((4,), -1), 1.0)

@@ -13,8 +13,9 @@ on CUDA, which picks the CUDA kernels where built). ``gld_loss`` runs on the ker
 term of the targets, (CE + GLD) = cross-entropy on torch + ``gld_loss`` on the kernels, as measured in the
 same run.
 
-Timer and CSV schema: :mod:`benchmarks.common` (CPU: median wall time after warm-up, peak extra resident set;
-CUDA: ``triton.testing.do_bench`` medians). On CUDA each term is also reported as a multiple of its bandwidth
+Timer and CSV schema: :mod:`benchmarks.common` (CPU: median wall time after warm-up, peak extra resident set, and
+the median process CPU time, printed beside wall time because the development machine is shared; CUDA:
+``triton.testing.do_bench`` medians). On CUDA each term is also reported as a multiple of its bandwidth
 floor at the measured device-to-device copy bandwidth: full-vocabulary ULD reads both logit tensors and writes
 the gradient; the objective reads the student logits and the teacher once and writes the gradient once (the
 floor of every variant of it). A term that runs out of memory is recorded as such, not fatal. Writes
@@ -142,39 +143,54 @@ def main(argv=None):
           f"{common.commit()}; kernels: {kernels} -> {resolved}"
           + (f"; copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""), flush=True)
 
-    rows, times = [], {}
+    rows, timings = [], {}
     for term, calls in terms(problem, kernels).items():
         for backend, fn in calls.items():
             timing = measure(fn, device, slow=backend == "torch")
             mode = "fwd+bwd" + (" OOM" if timing is None else "")
             if timing is not None:
-                times[(term, backend)] = timing.p50_ms
+                timings[(term, backend)] = timing
                 rows.append(common.row(term, backend, mode, problem.shape, timing, device))
             else:
                 rows.append(dict(op=term, backend=backend, mode=mode, shape=problem.shape, device=device))
             print(f"  {term} [{backend}]: " + ("OOM" if timing is None else f"{timing.p50_ms:.1f} ms"), flush=True)
     if args.out:
         common.write_csv(rows, os.path.join(args.out, f"objective_{device}.csv"))
+    report(timings, kernels, floors, problem.shape)
 
-    print(f"\n{problem.shape}, forward+backward, median ms; kernels = backend {kernels!r}\n")
-    print("| term | torch ms | kernels ms | speed-up" + (" | kernels × floor" if floors else "") + " |")
-    print("|---|---|---|---" + ("|---" if floors else "") + "|")
-    for term in dict.fromkeys(term for term, _ in times):
-        before, after = times.get((term, "torch")), times.get((term, kernels))
-        cells = [term, "" if before is None else f"{before:.1f}", "" if after is None else f"{after:.1f}",
-                 f"{before / after:.1f}×" if before and after else ""]
+
+def report(timings, kernels, floors, shape) -> None:
+    """The Markdown table and the targets, in wall time (and, on CPU, process CPU time)."""
+    cpu = all(t.cpu_p50_ms is not None for t in timings.values())
+    measures = {"wall": {key: t.p50_ms for key, t in timings.items()}}
+    if cpu:
+        measures["CPU"] = {key: t.cpu_p50_ms for key, t in timings.items()}
+    print(f"\n{shape}, forward+backward, median ms; kernels = backend {kernels!r}\n")
+    header = ["term"] + [f"{backend} {name} ms" for name in measures for backend in ("torch", "kernels")]
+    header += [f"speed-up ({name})" for name in measures] + (["kernels × floor"] if floors else [])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for term in dict.fromkeys(term for term, _ in timings):
+        cells = [term]
+        for times in measures.values():
+            cells += [f"{times[(term, b)]:.1f}" if (term, b) in times else "" for b in ("torch", kernels)]
+        for times in measures.values():
+            before, after = times.get((term, "torch")), times.get((term, kernels))
+            cells.append(f"{before / after:.1f}×" if before and after else "")
         if floors:
+            after = measures["wall"].get((term, kernels))
             cells.append(f"{after / floors[term]:.2f}" if after and term in floors else "")
         print("| " + " | ".join(cells) + " |")
-    baseline = times.get(("cross_entropy", "torch"), 0) + times.get(("gld_loss", kernels), 0)
-    if baseline:
-        print(f"\n(CE + GLD) = {baseline:.1f} ms")
-        for term in ("infigfusion_loss defaults", f"infigfusion_loss uld_top_k={K}"):
-            if (term, kernels) in times:
-                print(f"{term}: {times[(term, kernels)] / baseline:.2f} × (CE + GLD)")
-    full = (times.get(("uld_loss full", "torch")), times.get(("uld_loss full", kernels)))
-    if all(full):
-        print(f"full-vocabulary ULD: {full[0] / full[1]:.1f}× faster than the torch path")
+    for name, times in measures.items():
+        baseline = times.get(("cross_entropy", "torch"), 0) + times.get(("gld_loss", kernels), 0)
+        if baseline:
+            print(f"\n{name}: (CE + GLD) = {baseline:.1f} ms")
+            for term in ("infigfusion_loss defaults", f"infigfusion_loss uld_top_k={K}"):
+                if (term, kernels) in times:
+                    print(f"{name}: {term} = {times[(term, kernels)] / baseline:.2f} × (CE + GLD)")
+        full = (times.get(("uld_loss full", "torch")), times.get(("uld_loss full", kernels)))
+        if all(full):
+            print(f"{name}: full-vocabulary ULD {full[0] / full[1]:.1f}× faster than the torch path")
 
 
 if __name__ == "__main__":

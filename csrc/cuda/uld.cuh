@@ -141,6 +141,42 @@ __device__ __forceinline__ int append_slot(bool append, int* count) {
   return append ? base + __popc(ballot & ((1u << lane) - 1u)) : -1;
 }
 
+// Histogram of one list's keys into counts (whole tiles of the block, so that every lane reaches the warp
+// collectives); true when an entry is NaN or negative. Called by the whole block.
+template <typename Value>
+__device__ bool count_entries(Value value_of, int64_t n, uint32_t* counts) {
+  bool invalid = false;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t key = j < n ? uld_key(value_of(j)) : 0u;
+    const bool bad = j < n && key > kUldInfinityKey;
+    invalid |= bad;
+    count_bin(counts, j < n && !bad ? static_cast<int>(key >> kUldBinShift) : kUldBins);
+  }
+  return invalid;
+}
+
+// sum of s * value over one list's entries in decided bins (s the bin's sign); the entries of mixed bins are
+// appended to the row's segment (keys, and ids where given), in any order. Called by the whole block.
+template <typename Value>
+__device__ float decide_entries(Value value_of, int64_t n, const int8_t* sign, int* count, uint32_t* keys,
+                                uint32_t* ids) {
+  float sum = 0.0f;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const float value = j < n ? value_of(j) : 0.0f;
+    const uint32_t key = uld_key(value);
+    const int s = j < n ? sign[key >> kUldBinShift] : 1;
+    sum += s * value;
+    const int slot = append_slot(s == 0, count);
+    if (slot >= 0) {
+      keys[slot] = key;
+      if (ids) ids[slot] = static_cast<uint32_t>(j);
+    }
+  }
+  return sum;
+}
+
 // Exclusive prefix sums of two ints over the block in thread order; every thread gets its own.
 __device__ __forceinline__ void block_exclusive_scan2(int& a, int& b, int* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -211,22 +247,7 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
   for (int b = threadIdx.x; b < kUldBins; b += blockDim.x) count_p[b] = count_q[b] = 0;
   if (threadIdx.x == 0) mixed_p = mixed_q = 0;
   __syncthreads();
-  // Whole tiles of the block, so that every lane reaches the warp collectives; lanes past the row count nothing.
-  bool nan = false;
-  for (int64_t base = 0; base < C.vocab; base += blockDim.x) {
-    const int64_t j = base + threadIdx.x;
-    const uint32_t key = j < C.vocab ? uld_key(p_of(j)) : 0u;
-    const bool bad = j < C.vocab && key > kUldInfinityKey;
-    nan |= bad;
-    count_bin(count_p, j < C.vocab && !bad ? static_cast<int>(key >> kUldBinShift) : kUldBins);
-  }
-  for (int64_t base = 0; base < C.teacher_vocab; base += blockDim.x) {
-    const int64_t j = base + threadIdx.x;
-    const uint32_t key = j < C.teacher_vocab ? uld_key(q_of(j)) : 0u;
-    const bool bad = j < C.teacher_vocab && key > kUldInfinityKey;
-    nan |= bad;
-    count_bin(count_q, j < C.teacher_vocab && !bad ? static_cast<int>(key >> kUldBinShift) : kUldBins);
-  }
+  const bool nan = count_entries(p_of, C.vocab, count_p) | count_entries(q_of, C.teacher_vocab, count_q);
   const int any_nan = __syncthreads_or(nan);
 
   // Signs: thread t owns a run of bins counted from the top; the scan gives the entries above its run.
@@ -255,27 +276,8 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
   // Decided entries add s * value; mixed ones go to the row's segments (any order: they are sorted next).
   float sum_p = 0.0f, sum_q = 0.0f;
   if (!any_nan) {
-    for (int64_t base = 0; base < C.vocab; base += blockDim.x) {
-      const int64_t j = base + threadIdx.x;
-      const float p = j < C.vocab ? p_of(j) : 0.0f;
-      const uint32_t key = uld_key(p);
-      const int s = j < C.vocab ? sign[key >> kUldBinShift] : 1;
-      sum_p += s * p;
-      const int slot = append_slot(s == 0, &mixed_p);
-      if (slot >= 0) {
-        C.mixed_p_keys[base_p + slot] = key;
-        C.mixed_p_ids[base_p + slot] = static_cast<uint32_t>(j);
-      }
-    }
-    for (int64_t base = 0; base < C.teacher_vocab; base += blockDim.x) {
-      const int64_t j = base + threadIdx.x;
-      const float q = j < C.teacher_vocab ? q_of(j) : 0.0f;
-      const uint32_t key = uld_key(q);
-      const int s = j < C.teacher_vocab ? sign[key >> kUldBinShift] : 1;
-      sum_q += s * q;
-      const int slot = append_slot(s == 0, &mixed_q);
-      if (slot >= 0) C.mixed_q_keys[base_q + slot] = key;
-    }
+    sum_p = decide_entries(p_of, C.vocab, sign, &mixed_p, C.mixed_p_keys + base_p, C.mixed_p_ids + base_p);
+    sum_q = decide_entries(q_of, C.teacher_vocab, sign, &mixed_q, C.mixed_q_keys + base_q, nullptr);
   }
   float sums[2] = {sum_p, sum_q};
   block_sum<float, 2>(sums, reduce);
@@ -299,23 +301,19 @@ inline cudaError_t launch_uld_sort(void* temp, size_t& temp_bytes, const UldChun
   const int rows = static_cast<int>(C.rows);
   const int items_p = static_cast<int>(C.rows * C.capacity_p), items_q = static_cast<int>(C.rows * C.capacity_q);
   size_t bytes_p = 0, bytes_q = 0;
-  cudaError_t err = cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      nullptr, bytes_p, C.mixed_p_keys, C.sorted_p_keys, C.mixed_p_ids, C.sorted_p_ids, items_p, rows, C.begin_p,
-      C.end_p, 0, kUldKeyBits, stream);
-  if (err != cudaSuccess) return err;
-  err = cub::DeviceSegmentedRadixSort::SortKeysDescending(nullptr, bytes_q, C.mixed_q_keys, C.sorted_q_keys, items_q,
-                                                          rows, C.begin_q, C.end_q, 0, kUldKeyBits, stream);
-  if (err != cudaSuccess) return err;
-  if (temp == nullptr) {
-    temp_bytes = bytes_p > bytes_q ? bytes_p : bytes_q;
-    return cudaSuccess;
-  }
-  err = cub::DeviceSegmentedRadixSort::SortPairsDescending(temp, bytes_p, C.mixed_p_keys, C.sorted_p_keys,
-                                                           C.mixed_p_ids, C.sorted_p_ids, items_p, rows, C.begin_p,
-                                                           C.end_p, 0, kUldKeyBits, stream);
-  if (err != cudaSuccess) return err;
-  return cub::DeviceSegmentedRadixSort::SortKeysDescending(temp, bytes_q, C.mixed_q_keys, C.sorted_q_keys, items_q,
-                                                           rows, C.begin_q, C.end_q, 0, kUldKeyBits, stream);
+  // storage = null: CUB only sets the sizes
+  const auto sort = [&](void* storage) {
+    const cudaError_t err = cub::DeviceSegmentedRadixSort::SortPairsDescending(
+        storage, bytes_p, C.mixed_p_keys, C.sorted_p_keys, C.mixed_p_ids, C.sorted_p_ids, items_p, rows, C.begin_p,
+        C.end_p, 0, kUldKeyBits, stream);
+    if (err != cudaSuccess) return err;
+    return cub::DeviceSegmentedRadixSort::SortKeysDescending(storage, bytes_q, C.mixed_q_keys, C.sorted_q_keys,
+                                                             items_q, rows, C.begin_q, C.end_q, 0, kUldKeyBits, stream);
+  };
+  const cudaError_t err = sort(nullptr);
+  if (err != cudaSuccess || temp != nullptr) return err == cudaSuccess ? sort(temp) : err;
+  temp_bytes = bytes_p > bytes_q ? bytes_p : bytes_q;
+  return cudaSuccess;
 }
 
 // ---- 3. the mixed entries ----------------------------------------------------------------------------------

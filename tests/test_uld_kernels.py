@@ -297,6 +297,57 @@ def test_topk_summary_uld_gradcheck_fp64(backend, device):
     torch.autograd.gradcheck(floating, (logits,))
 
 
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,temperature,labels", [(3, 1.0, True), (5, 0.6, True), (1, 1.3, False)])
+def test_triton_topk_summary_matches_reference(dtype, k, temperature, labels, monkeypatch):
+    """The Triton summary on CUDA, or in Triton's interpreter on CPU (TRITON_INTERPRET=1); tiny rows in tiles of
+    16 entries, so that every row spans several tiles with a ragged tail."""
+    pytest.importorskip("triton")
+    device = "cuda" if ON_GPU else "cpu"
+    try:
+        dispatch.resolve("topk_summary", "triton", torch.device(device))
+    except dispatch.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    from infigw.triton import topk_degrees
+
+    monkeypatch.setattr(topk_degrees, "_MAX_BLOCK_V", 16)
+    gen = torch.Generator().manual_seed(40 + k)
+    logits, valid, gold = summary_inputs(gen, 9, 53, dtype, labels)
+    check_summary("topk_summary", "triton", device, logits, valid, (k, temperature, gold, temperature != 1),
+                  f"triton k={k} T={temperature} {dtype}")
+    ties = tied_logits(7, 37, levels=4, generator=gen, dtype=dtype)
+    tie_gold = torch.randint(0, 37, (7,), generator=gen) if labels else None
+    check_summary("topk_summary", "triton", device, ties, torch.ones(7, dtype=torch.bool),
+                  (k, temperature, tie_gold, temperature != 1), f"triton ties k={k}")
+
+
+def test_triton_summary_kernels_compile_for_sm90():
+    """The Triton summary kernels lower to sm_90 machine code (no GPU needed; catches typing errors the
+    interpreter lets through)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from infigw.triton import topk_summary
+
+    cases = [
+        (topk_summary._summary_rows_kernel,
+         dict(x_ptr="*bf16", x_row_stride="i64", vocab="i32", valid_ptr="*i1", gold_ptr="*i64", kept_ptr="*fp32",
+              ids_ptr="*i64", lse_ptr="*fp32", unit_ptr="*fp32", gold_logit_ptr="*fp32", inv_temp="fp32"),
+         dict(K=10, K_PAD=16, BLOCK_V=2048, UNIT=True, GOLD=True)),
+        (topk_summary._summary_dense_grad_kernel,
+         dict(x_ptr="*bf16", x_row_stride="i64", grad_ptr="*bf16", vocab="i32", valid_ptr="*i1", lse_ptr="*fp32",
+              grad_lse_ptr="*fp32", unit_ptr="*fp32", grad_unit_ptr="*fp32", inv_temp="fp32"),
+         dict(BLOCK_V=2048, UNIT=True)),
+    ]
+    for kernel, signature, constants in cases:
+        signature = dict(signature, **{name: "constexpr" for name in constants})
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no sm_90 machine code"
+
+
 # ---------------------------------------------------------------------------------------------- registration
 @pytest.mark.skipif(_STATUS["cpp"] != "available", reason=f"C++ extension not usable: {_STATUS['cpp']}")
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if ON_GPU and _STATUS["cuda"] == "available" else []))

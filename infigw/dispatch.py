@@ -31,6 +31,8 @@ SHARED_OPS = ("kept_degrees",)
 # topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); sorted_gw1d: Triton
 # 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
 # kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
+# topk_summary, topk_summary_uld, uld_full (issue 15): C++ first on CPU (about 11x the torch path for the
+# full-vocabulary ULD, benchmarks/RESULTS.md); on CUDA the kernels where built (not yet timed on a GPU).
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("cpp", "torch"),
             "topk_summary_uld": ("cpp", "torch"), "uld_full": ("cpp", "torch")},

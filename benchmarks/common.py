@@ -2,8 +2,9 @@
 
 Timer: on CUDA the median and quantiles of ``triton.testing.do_bench`` (it flushes L2 between calls and
 synchronises); on CPU ``time.perf_counter`` around each call after warm-up, with the peak extra resident set
-(VmHWM, reset through /proc/self/clear_refs) since tracemalloc cannot see torch's allocations; :func:`timed` for
-one call. Every result is one :data:`ROW_FIELDS` row, so the CSV files of all benchmarks read alike:
+(VmHWM, reset through /proc/self/clear_refs) since tracemalloc cannot see torch's allocations, and the median
+process CPU time (on a shared machine wall time also counts the waits for the cores); :func:`timed` for one call.
+Every result is one :data:`ROW_FIELDS` row, so the CSV files of all benchmarks read alike:
 
     op, backend, mode, shape, p50_ms, p20_ms, p80_ms, peak_extra_mib, device, commit, date
 """
@@ -34,6 +35,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     peak_extra_bytes: Optional[int] = None
+    cpu_p50_ms: Optional[float] = None  # CPU: median process CPU time of the call (all threads), else None
 
 
 def _status_kb(field: str) -> int:
@@ -60,19 +62,20 @@ def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5, memory:
     time many calls of microseconds)."""
     for _ in range(warmup):
         fn()
-    times, peaks = [], []
+    times, cpu_times, peaks = [], [], []
     for _ in range(repeat):
         if memory:
             gc.collect()
             base = _status_kb("VmRSS")
             _reset_peak_rss()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+        cpu_times.append((time.process_time() - cpu_start) * 1e3)
         if memory:
             peaks.append((_status_kb("VmHWM") - base) * 1024)
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
-                  max(peaks) if peaks else None)
+                  max(peaks) if peaks else None, statistics.median(cpu_times))
 
 
 def timed(fn: Callable[[], object]) -> Tuple[object, float]:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one run from the repository root (it keeps nothing between runs):
 # build the CUDA extension, run the GPU tests, compute-sanitizer, and the GPU benchmarks.
-# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [dlf] [gw]   (default: all)
+# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [objective] [dlf] [gw]
+#        (default: all)
 # POT is not on the GPU machines: carry its wheel in .whl/ (see the device notes) for the gw stage.
 set -uo pipefail
 OUT="${OUT:-/tmp/infigw-gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
-stages="${*:-build test sanitize bench dlf gw}"
+stages="${*:-build test sanitize bench objective dlf gw}"
 status=0
 want() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
@@ -33,8 +34,8 @@ if want test; then
   python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   python3 -m pytest tests/test_topk_degrees.py tests/test_sorted_gw1d.py tests/test_op_arguments.py \
-    tests/test_extension_ops.py tests/test_dlf.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
-    | tee -a "$OUT/tests.log" | tail -15
+    tests/test_extension_ops.py tests/test_dlf.py tests/test_uld_kernels.py tests/test_objective.py -q \
+    -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -48,6 +49,11 @@ if want bench; then
   step "GLD op benchmarks"
   python3 -m benchmarks.bench_topk_degrees --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_topk_degrees.log" | tail -80
+fi
+
+if want objective; then
+  step "objective benchmark (ULD kernels, the fused objective; floors at the measured copy bandwidth)"
+  python3 -m benchmarks.bench_objective --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_objective.log" | tail -25
 fi
 
 if want dlf; then

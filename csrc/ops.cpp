@@ -1,7 +1,8 @@
 // The operator schemas of infigw and the kernels that implement them per device, in one place: csrc/cpu/*.cpp and
 // (when built with CUDA) csrc/cuda/*.cu, whose entry points csrc/kernels.h declares. Python adds fake (meta)
-// kernels and autograd in infigw/extension.py. The math is docs/math.md (§2 node values,
-// §3 graph and degrees, §4 the closed forms, §6 gradients).
+// kernels and autograd in infigw/extension.py (infigw/extension_objective.py for the ULD and summary ops). The
+// math is docs/math.md (§2 node values and the student summary, §3 graph and degrees, §4 the closed forms,
+// §6 gradients, §7 ULD).
 //
 // The options are strings, mapped to the codes of csrc/contract.h once per call (csrc/op_checks.h):
 //   values:     "logits" | "probs" (full-vocabulary softmax of logits / temperature) | "topk_probs" (softmax over
@@ -46,30 +47,65 @@ TORCH_LIBRARY(infigw, m) {
   m.def(
       "sorted_gw1d_backward(Tensor grad, Tensor x, Tensor y, Tensor lengths, bool check_data=True) -> "
       "(Tensor, Tensor)");
+  // ---- ULD and the student's top-k summary (docs/math.md §7) ----
+  // Full-vocabulary ULD of student rows (N, V) against teacher rows (M, V_t): logits, softmaxed at temperature,
+  // or probabilities taken as given (teacher_probs). partner (N,) int64: the teacher row of each student row, -1
+  // for none (loss 0, zero gradient, the teacher row is never read). Returns loss (N,) f32 (f64 for f64
+  // students), both rows' logsumexps (N,) at temperature (0 where not computed) and, with keep_signs (a call
+  // that will be differentiated; kernels may ignore it), dL/dp (N, V) and sum_j p_j dL/dp_j (N,), else empty
+  // tensors: what backward reuses.
+  m.def(
+      "uld_full(Tensor student, Tensor teacher, Tensor partner, float temperature, bool teacher_probs, "
+      "bool keep_signs) -> (Tensor loss, Tensor student_lse, Tensor teacher_lse, Tensor signs, Tensor dot)");
+  m.def(
+      "uld_full_backward(Tensor grad, Tensor student, Tensor teacher, Tensor partner, Tensor student_lse, "
+      "Tensor teacher_lse, Tensor signs, Tensor dot, float temperature, bool teacher_probs) -> Tensor");
+  // One read of each valid student row: its top-k logits kept (N, k) and ids (N, k) in rank order (ties to the
+  // smaller id), lse (N,) = logsumexp(logits / temperature), unit (N,) = logsumexp(logits) (empty unless
+  // unit_lse), the gold logit (N,) (empty without gold); and, for every teacher s (rows of teachers[s] paired by
+  // partners[s], as uld_full), uld (S, N), the teachers' logsumexps (S, N) and, with keep_signs and one teacher,
+  // its signs (N, V) and dot (1, N) as uld_full keeps them (else empty). Zeros on invalid rows. Backward writes
+  // the logits gradient once: the dense softmax terms, the ULD terms and the k-sparse kept entries.
+  m.def(
+      "topk_summary(Tensor logits, Tensor row_valid, int k, float temperature, Tensor? gold, bool unit_lse, "
+      "Tensor[] teachers, Tensor partners, bool[] teacher_probs, bool keep_signs) -> (Tensor kept, Tensor ids, "
+      "Tensor lse, Tensor unit, Tensor gold_logit, Tensor uld, Tensor teacher_lse, Tensor signs, Tensor uld_dot)");
+  m.def(
+      "topk_summary_backward(Tensor grad_kept, Tensor grad_lse, Tensor grad_unit, Tensor grad_gold, "
+      "Tensor grad_uld, Tensor logits, Tensor row_valid, Tensor ids, Tensor lse, Tensor unit, Tensor? gold, "
+      "float temperature, Tensor[] teachers, Tensor partners, bool[] teacher_probs, Tensor teacher_lse, "
+      "Tensor signs, Tensor uld_dot) -> Tensor");
 }
 
 namespace {
 
-// Registers the kernels of one device for the four schemas above.
+// Registers the kernels every device has (the GLD ops and the full-vocabulary ULD).
 void implement(torch::Library& m, infigw::TopkDegreesFn* topk_degrees,
                infigw::TopkDegreesBackwardFn* topk_degrees_backward, infigw::SortedGw1dFn* sorted_gw1d,
-               infigw::SortedGw1dBackwardFn* sorted_gw1d_backward) {
+               infigw::SortedGw1dBackwardFn* sorted_gw1d_backward, infigw::UldFullFn* uld_full,
+               infigw::UldFullBackwardFn* uld_full_backward) {
   m.impl("topk_degrees", topk_degrees);
   m.impl("topk_degrees_backward", topk_degrees_backward);
   m.impl("sorted_gw1d", sorted_gw1d);
   m.impl("sorted_gw1d_backward", sorted_gw1d_backward);
+  m.impl("uld_full", uld_full);
+  m.impl("uld_full_backward", uld_full_backward);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infigw, CPU, m) {
   using namespace infigw::cpu;
-  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward);
+  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward, &uld_full,
+            &uld_full_backward);
+  m.impl("topk_summary", &topk_summary);  // on CUDA tensors the summary is a Triton op
+  m.impl("topk_summary_backward", &topk_summary_backward);
 }
 
 #ifdef INFIGW_WITH_CUDA
 TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
   using namespace infigw::cuda;
-  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward);
+  implement(m, &topk_degrees, &topk_degrees_backward, &sorted_gw1d, &sorted_gw1d_backward, &uld_full,
+            &uld_full_backward);
 }
 #endif

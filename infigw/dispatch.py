@@ -24,19 +24,23 @@ from typing import Callable, Dict, Tuple
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-OPS = ("topk_degrees", "sorted_gw1d", "topk_summary", "dlf_search")
+OPS = ("topk_degrees", "sorted_gw1d", "topk_summary", "topk_summary_uld", "uld_full", "dlf_search")
 SHARED_OPS = ("kept_degrees",)
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
 # topk_degrees: CUDA is faster than Triton at every shape (equal at fp32, k=10); sorted_gw1d: Triton
 # 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
 # kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
+# topk_summary, topk_summary_uld, uld_full (issue 15): C++ first on CPU (about 11x the torch path for the
+# full-vocabulary ULD, benchmarks/RESULTS.md); on CUDA the kernels where built (not yet timed on a GPU).
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("torch",),
-            "dlf_search": ("torch",)},
+    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("cpp", "torch"),
+            "topk_summary_uld": ("cpp", "torch"), "uld_full": ("cpp", "torch"), "dlf_search": ("torch",)},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
         "topk_summary": ("cuda", "triton", "torch"),
+        "topk_summary_uld": ("cuda", "torch"),
+        "uld_full": ("cuda", "torch"),
         "sorted_gw1d": ("triton", "cuda", "torch"),
         "dlf_search": ("triton", "torch"),  # the Triton kernel; its torch path was never timed on a GPU
     },

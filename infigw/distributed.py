@@ -322,11 +322,13 @@ class Parallel:
         batch, length, shard_vocab = logits.shape
         return StudentSpec(torch.Size((batch, length, shard_vocab * self.vocab_world)), logits.device)
 
-    def summarize(self, valid, k: int, temperature: float, labels=None, backend: str = "auto") -> TopKSummary:
-        """The student's :class:`~infigw.summary.TopKSummary`: of its (gathered) logits, or merged from shards."""
+    def summarize(self, valid, k: int, temperature: float, labels=None, backend: str = "auto",
+                  uld=None) -> TopKSummary:
+        """The student's :class:`~infigw.summary.TopKSummary`: of its (gathered) logits (with the full-vocabulary
+        ULD of ``uld``, see :func:`~infigw.summary.summarize`), or merged from shards."""
         if self.vocab is None or self.gathered is not None:
             dense = self.logits if self.gathered is None else self.gathered
-            return summarize(dense, valid, k, temperature, labels, backend)
+            return summarize(dense, valid, k, temperature, labels, backend, uld)
         return summarize_shard(self.logits, valid, k, temperature, labels, self.vocab, backend)
 
     def sharded_summary(self, inputs: CallInputs, k: Optional[int], temperature: float,

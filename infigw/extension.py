@@ -127,6 +127,7 @@ if _reason is None:
     _register_fakes()
     _register_autograd()
     _register_backends()
+    from . import extension_objective  # noqa: E402,F401  (the objective's kernels register themselves there)
 else:
     dispatch.mark_unavailable("cpp", _reason)
     dispatch.mark_unavailable("cuda", _reason)

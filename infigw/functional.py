@@ -258,16 +258,18 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
              ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, record_tail: str = "zeros", pairing: str = "index", student_offsets=None,
              teacher_offsets=None, reduction: str = "mean", teacher_weights=None, weight_temperature: float = 1.0,
-             weight_k: int = 10, weight_granularity: str = "sequence", return_components: bool = False,
-             vocab_parallel_group=None, data_parallel_group=None, num_items_in_batch=None):
+             weight_k: int = 10, weight_granularity: str = "sequence", backend: str = "auto",
+             return_components: bool = False, vocab_parallel_group=None, data_parallel_group=None,
+             num_items_in_batch=None):
     """Universal Logit Distillation: sorted-probability L1 between paired student/teacher positions.
 
     ``pairing="index"``: the i-th valid student position of a sequence pairs with the i-th valid teacher position
     (up to the shorter count); ``"offsets"`` (ours, across tokenizers): the positions whose target tokens start at
     the same character (``student_offsets`` (B, T, 2), ``teacher_offsets`` per teacher: the target tokens'
     character spans, e.g. from :mod:`infigw.records`). Full vocabulary by default:
-    ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with the smaller vocabulary zero-padded. ``top_k=m`` (InfiFusion v3 style; details ours): keep the top-m logits
-    of each side, optionally z-score them over the m entries (``standardize=True``), softmax over the m.
+    ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with the smaller vocabulary zero-padded. ``top_k=m``
+    (InfiFusion v3 style; details ours): keep the top-m logits of each side, optionally z-score them over the m
+    entries (``standardize=True``), softmax over the m.
     Per sequence the pairs are averaged; ``reduction`` then acts over sequences as in :func:`gld_loss`.
     A TopKRecord teacher gives its kept probabilities (exact with a normaliser, else renormalised over the kept
     entries); the mass outside them counts as 0 (``record_tail="zeros"``) or as one more entry
@@ -277,6 +279,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     top-``weight_k`` logits); ``weight_granularity="sequence"``: ``L_b = sum_s w_{s,b} * mean_i ULD_{s,b,i}``;
     ``"token"`` (ours): one softmax over the teachers per paired student position t,
     ``L_b = (1 / n_b) sum_t sum_s w_{s,b,t} ULD_{s,b,t}`` over the n_b student positions with a pair.
+    ``backend``: the kernels of the full-vocabulary term (op ``uld_full``) and of the top-k selection (op
+    ``topk_summary``), as in :func:`gld_loss`.
     ``return_components``: also a dict with "uld" (S, B) per-teacher means, "weights" (S, B), "included" (S, B)
     and, at token level, "token_weights" (S, B, T). Distributed arguments: see :mod:`infigw.distributed`.
     """
@@ -291,7 +295,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
     per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
-                             record_tail=record_tail, student=parallel.sharded_summary(inputs, top_k, temperature))
+                             record_tail=record_tail, backend=backend,
+                             student=parallel.sharded_summary(inputs, top_k, temperature, backend))
     per_sequence, mean_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
     loss = parallel.reduce(per_sequence, included.any(0), reduction)
     components = {"uld": mean_terms.detach(), "weights": weights, "included": included}
@@ -331,16 +336,11 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
                      temperature=temperature, teacher_weights=teacher_weights,
                      weight_temperature=weight_temperature, weight_granularity=weight_granularity, pairing=pairing,
                      student_offsets=student_offsets, teacher_offsets=teacher_offsets)
-    uld.check_options(inputs, uld_top_k, standardize, record_tail)
-    distilled, graphs = lam != 0, lam != 0 and gamma != 0
-    check_records_serve(inputs.teachers, values=values if graphs else None, temperature=temperature,
-                        exact_probs=distilled and (uld_top_k is None or (graphs and values == "probs")))
-    objective.check_labels(inputs, ignore_index)
-    # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
-    student = parallel.summarize(inputs.valid, objective.summary_k(lam, gamma, k, uld_top_k), temperature,
-                                 inputs.labels, backend)
-    per_position = uld.terms(inputs, temperature=temperature, top_k=uld_top_k, standardized=standardize,
-                             record_tail=record_tail, student=student) if distilled else None
+    objective.check_inputs(inputs, lam=lam, gamma=gamma, values=values, uld_top_k=uld_top_k, standardized=standardize,
+                           record_tail=record_tail, temperature=temperature, ignore_index=ignore_index)
+    student, per_position = objective.student_pass(inputs, parallel.summarize, lam=lam, gamma=gamma, k=k,
+                                                   uld_top_k=uld_top_k, standardized=standardize,
+                                                   record_tail=record_tail, temperature=temperature, backend=backend)
     gld_options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope="sequence",
                        num_nodes=num_nodes, distance=distance, temperature=temperature, deterministic=deterministic,
                        backend=backend)

@@ -7,7 +7,7 @@ the logits' gradient once. A summary is also what producers that never hold B*T*
 ``kept(k, values, temperature)``, so GLD's degree stage treats both alike (docs/math.md §2, §3, §7).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ class TopKSummary:
     unit_lse: (B, T) logsumexp(logits), the cross-entropy's normaliser (``lse`` itself when temperature is 1).
     gold: (B, T) logit of the label, or None without labels.
     vocab_size: V. temperature: of ``lse``.
+    uld: (S, B, T) full-vocabulary ULD against each teacher, when :func:`summarize` was asked for it (else None).
     """
 
     values: torch.Tensor
@@ -36,6 +37,7 @@ class TopKSummary:
     gold: Optional[torch.Tensor]
     vocab_size: int
     temperature: float
+    uld: Optional[torch.Tensor] = None
 
     def kept(self, k: int, values: str, temperature: float):
         """Node values (N, k), ids (N, k) and, for the probability values, their logs (N, k) (else None) of the
@@ -53,15 +55,37 @@ class TopKSummary:
         return uld_probabilities(self.values[..., :top_k].flatten(0, 1), temperature, top_k, standardized)
 
 
+class UldTeachers(NamedTuple):
+    """The full-vocabulary ULD that :func:`summarize` computes in the same read of the student logits.
+
+    rows: per teacher, its (M_s, W_s) rows: logits, or probabilities taken as given where ``probs[s]``.
+    partners: (S, B, T) int64, the flat teacher row paired with each student position (-1 for none).
+    """
+
+    rows: List[torch.Tensor]
+    probs: List[bool]
+    partners: torch.Tensor
+
+
 def summarize(logits: torch.Tensor, valid: torch.Tensor, k: int, temperature: float,
-              labels: Optional[torch.Tensor] = None, backend: str = "auto") -> TopKSummary:
-    """Summarize student logits (B, T, V) at the (B, T) valid positions: top-``k``, logsumexps, gold logits."""
+              labels: Optional[torch.Tensor] = None, backend: str = "auto",
+              uld: Optional[UldTeachers] = None) -> TopKSummary:
+    """Summarize student logits (B, T, V) at the (B, T) valid positions: top-``k``, logsumexps, gold logits and,
+    with ``uld``, the full-vocabulary ULD at ``temperature`` against each teacher (dispatched op
+    ``topk_summary_uld``: the kernels read each row once and write its gradient once)."""
     batch, length, vocab = logits.shape
-    _, implementation = dispatch.resolve("topk_summary", backend, logits.device, k)
     gold = None if labels is None else torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1)
-    kept, ids, lse, unit, gold_logit = implementation(logits.reshape(-1, vocab), valid.reshape(-1), k, temperature,
-                                                      gold, temperature != 1 and labels is not None)
+    args = (logits.reshape(-1, vocab), valid.reshape(-1), k, temperature, gold, temperature != 1 and labels is not None)
+    terms = None
+    if uld is None:
+        _, implementation = dispatch.resolve("topk_summary", backend, logits.device, k)
+        kept, ids, lse, unit, gold_logit = implementation(*args)
+    else:
+        _, implementation = dispatch.resolve("topk_summary_uld", backend, logits.device, k)
+        kept, ids, lse, unit, gold_logit, terms = implementation(
+            *args, uld.rows, uld.partners.reshape(len(uld.rows), -1), uld.probs)
+        terms = terms.view(len(uld.rows), batch, length)
     lse = lse.view(batch, length)
     return TopKSummary(kept.view(batch, length, k), ids.view(batch, length, k), lse,
                        unit.view(batch, length) if unit.numel() else lse,
-                       None if labels is None else gold_logit.view(batch, length), vocab, temperature)
+                       None if labels is None else gold_logit.view(batch, length), vocab, temperature, terms)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .select import row_logsumexp, select_topk
+from .uld import uld_full
 
 
 def topk_summary(logits: torch.Tensor, row_valid: torch.Tensor, k: int, temperature: float,
@@ -36,3 +37,21 @@ def topk_summary(logits: torch.Tensor, row_valid: torch.Tensor, k: int, temperat
     return (torch.where(valid, kept.to(acc), zero), ids, torch.where(row_valid, lse, zero),
             torch.where(row_valid, unit, zero) if unit_lse else unit,
             torch.where(row_valid, picked, zero) if gold is not None else picked)
+
+
+def topk_summary_uld(logits: torch.Tensor, row_valid: torch.Tensor, k: int, temperature: float,
+                     gold: Optional[torch.Tensor], unit_lse: bool, teachers, partners: torch.Tensor, teacher_probs):
+    """:func:`topk_summary` and, in the same call, the full-vocabulary ULD of the student against each teacher.
+
+    Args (besides those of :func:`topk_summary`):
+        teachers: S teacher tensors (M_s, V_s): logits, or probabilities where ``teacher_probs[s]``.
+        partners: (S, N) int64: the teacher row of each student row, -1 for none; -1 on invalid rows.
+    Returns:
+        the five outputs of :func:`topk_summary` and uld (S, N) (0 where a row has no partner), as
+        :func:`infigw.reference.uld.uld_full` computes it at ``temperature``.
+    """
+    outputs = topk_summary(logits, row_valid, k, temperature, gold, unit_lse)
+    terms = [uld_full(logits, teacher, partner, temperature, probs)
+             for teacher, partner, probs in zip(teachers, partners, teacher_probs)]
+    uld = torch.stack(terms) if terms else outputs[2].new_zeros((0, logits.shape[0]))
+    return (*outputs, uld)

@@ -82,6 +82,28 @@ def _max_with_nan(a, b):
 
 
 @triton.jit
+def _logsumexp_step(run_max, run_sum, x, x_max, scale):
+    """One tile of an online logsumexp of x * scale (x_max: the tile's maximum); returns the new (max, sum)."""
+    new_max = tl.maximum(run_max, x_max * scale)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x * scale - shift))
+
+
+@triton.jit
+def _insert_tile(x, ids, inside, best, lowest, in_k):
+    """Inserts a tile's entries that beat the k-th kept key into the kept keys ``best``, largest first: the tile
+    packs its keys with its ids, then one max-reduction over the tile and one min over the kept keys per
+    insertion. Returns the kept keys and the new k-th one."""
+    packed = tl.where(inside, (_order_key(x).to(tl.int64) << 32) | (_LOW32 - ids.to(tl.int64)), _I64_MIN)
+    pick = tl.max(packed)
+    while pick > lowest:
+        best = tl.where(best == lowest, pick, best)
+        lowest = tl.min(tl.where(in_k, best, _I64_MAX))
+        pick = tl.max(tl.where((packed > lowest) & (packed < pick), packed, _I64_MIN))
+    return best, lowest
+
+
+@triton.jit
 def _topk_rows_kernel(
     x_ptr, x_row_stride, vocab, row_graph_ptr, num_graphs,
     kept_val_ptr, kept_id_ptr, lse_ptr, log_ptr, deg_ptr, touched_ptr, num_nodes, inv_temp,
@@ -111,20 +133,11 @@ def _topk_rows_kernel(
         # the online logsumexp. The integer keys are only formed in gated tiles.
         x_max = tl.reduce(x, 0, _max_with_nan)
         if VALUES_MODE == 1:  # online logsumexp of x / T
-            new_max = tl.maximum(run_max, x_max * inv_temp)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x * inv_temp - shift))
-            run_max = new_max
+            run_max, run_sum = _logsumexp_step(run_max, run_sum, x, x_max, inv_temp)
         # Later tiles have larger ids, so an entry equal to the threshold value loses the tie: comparing
-        # values is an exact gate. A gated tile packs its keys with its ids and inserts its candidates
-        # largest first: one max-reduction over the tile and one min over the kept keys per insertion.
+        # values is an exact gate.
         if _order_key(x_max) > threshold:
-            packed = tl.where(inside, (_order_key(x).to(tl.int64) << 32) | (_LOW32 - ids.to(tl.int64)), _I64_MIN)
-            pick = tl.max(packed)
-            while pick > lowest:
-                best = tl.where(best == lowest, pick, best)
-                lowest = tl.min(tl.where(in_k, best, _I64_MAX))
-                pick = tl.max(tl.where((packed > lowest) & (packed < pick), packed, _I64_MIN))
+            best, lowest = _insert_tile(x, ids, inside, best, lowest, in_k)
             threshold = (lowest >> 32).to(tl.int32)
     best = tl.sort(best, descending=True)  # k <= V: the first K slots are real keys, in rank order
     kept_x = _from_order_key((best >> 32).to(tl.int32))

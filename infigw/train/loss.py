@@ -1,0 +1,114 @@
+"""One fusion training step's objective, normalised so that gradient accumulation and data parallelism give the
+gradients of one big batch.
+
+The InfiGFusion objective ``(1 - lam) * CE + lam * sum_s w_s (ULD_s + gamma * GLD_s)`` (reduction "mean") is a
+token mean for CE and a sequence mean for the distillation part. Split over micro-batches and ranks, each
+micro-batch contributes its *sums* divided by the *global* counts::
+
+    loss_micro = (1 - lam) * CE_sum(micro) / tokens(all) + lam * distill_sum(micro) / sequences(all)
+
+and summing these over micro-batches and ranks gives exactly the big batch's loss (its gradient too: the
+teacher weights are per sequence, detached). ``tokens`` counts the shifted targets (labels[:, 1:] != -100, packed
+boundaries excluded); ``sequences`` the sequences (packed rows split) with at least one target. A sequence that
+has targets but no teacher position contributes 0 to the distillation sum and still counts, so the count is
+known before any forward pass.
+"""
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as torch_F
+
+from .. import functional
+from ..losses import InfiGFusionLoss
+from .batch import IGNORE_INDEX, sequence_view, shifted_targets
+
+# Options of infigfusion_loss this objective sets itself.
+_OWN = ("lam", "reduction", "return_components")
+
+
+def count_items(batch: dict) -> torch.Tensor:
+    """(2,) float64 [target tokens, sequences with a target] of one micro-batch (see the module docstring)."""
+    position_ids = batch.get("position_ids")
+    targets = shifted_targets(batch["labels"], position_ids)
+    valid = targets != IGNORE_INDEX
+    view = sequence_view(None if position_ids is None else position_ids[:, :-1], valid.shape, valid.device)
+    per_sequence = valid if view is None else view.gather(valid, False)
+    return torch.stack([valid.sum(), per_sequence.any(-1).sum()]).double()
+
+
+class StepTerms(NamedTuple):
+    """A micro-batch's loss (already divided by the global counts) and what to log about it."""
+    loss: torch.Tensor
+    logs: Dict[str, float]
+
+
+class FusionObjective:
+    """The training objective over a student, S teachers and the global counts of a step.
+
+    Args:
+        loss: an :class:`~infigw.InfiGFusionLoss` (its options: lam, gamma, k, values, ...), default
+            ``InfiGFusionLoss()``; ``reduction`` is ignored (the normalisation is the step's, above).
+        teacher_names: names for the logs (default ``teacher0``, ...).
+    """
+
+    def __init__(self, loss: Optional[InfiGFusionLoss] = None, teacher_names: Optional[Sequence[str]] = None):
+        if loss is None:
+            loss = InfiGFusionLoss()
+        if not isinstance(loss, InfiGFusionLoss):
+            raise TypeError(f"loss must be an infigw.InfiGFusionLoss, got {type(loss).__name__}")
+        self.lam = float(loss.options["lam"])
+        self.options = {name: value for name, value in loss.options.items() if name not in _OWN}
+        self.teacher_names = list(teacher_names) if teacher_names else None
+
+    def __call__(self, student_logits: torch.Tensor, batch: dict, teachers: List[tuple],
+                 counts: Optional[torch.Tensor] = None) -> StepTerms:
+        """The micro-batch's share of the step's loss.
+
+        Args:
+            student_logits: (B, T, V) unshifted, as the model returns them (packed rows allowed).
+            batch: the student's ``labels`` (B, T) unshifted and, for packed rows, ``position_ids``.
+            teachers: one ``(logits or TopKRecord, targets)`` per teacher, shifted and split into sequences
+                (one row per sequence of the batch, in row-major order).
+            counts: (2,) global [tokens, sequences] of the step (:func:`count_items` summed over micro-batches
+                and ranks); None: this micro-batch's own counts (evaluation).
+        """
+        position_ids = batch.get("position_ids")
+        logits = student_logits[:, :-1]
+        targets = shifted_targets(batch["labels"], position_ids)
+        view = sequence_view(None if position_ids is None else position_ids[:, :-1], targets.shape, targets.device)
+        if view is not None:
+            logits, targets = view.gather(logits), view.gather(targets, IGNORE_INDEX)
+        if counts is None:
+            counts = count_items(batch)
+        tokens, sequences = counts[0].clamp_min(1), counts[1].clamp_min(1)
+        ce_sum = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+        loss = (1 - self.lam) * ce_sum / tokens.to(ce_sum.dtype)
+        local_tokens = max(int((targets != IGNORE_INDEX).sum()), 1)
+        logs = {"ce": float(ce_sum.detach()) / local_tokens}
+        if self.lam != 0 and teachers:
+            self._check_teachers(teachers, logits.shape[0])
+            distill, parts = functional.infigfusion_loss(
+                logits, [t for t, _ in teachers], targets, teacher_labels=[y for _, y in teachers], lam=1.0,
+                reduction="none", return_components=True, **self.options)
+            loss = loss + self.lam * distill.sum() / sequences.to(distill.dtype)
+            logs.update(self._component_logs(parts))
+        return StepTerms(loss, logs)
+
+    @staticmethod
+    def _check_teachers(teachers, sequences: int) -> None:
+        for i, (teacher, _) in enumerate(teachers):
+            if teacher.shape[0] != sequences:
+                raise ValueError(f"teacher {i} has {teacher.shape[0]} sequences but the student batch has {sequences} "
+                                 "(packed rows are split into sequences: give the teachers one row per sequence)")
+
+    def _component_logs(self, parts: dict) -> Dict[str, float]:
+        included = parts["included"]
+        names = self.teacher_names or [f"teacher{i}" for i in range(included.shape[0])]
+        logs = {}
+        for i, name in enumerate(names):
+            present = included[i]
+            count = max(int(present.sum()), 1)
+            for key in ("uld", "gld", "weights"):
+                logs[f"{key}/{name}"] = float(torch.where(present, parts[key][i], 0).sum()) / count
+        return logs

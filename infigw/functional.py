@@ -218,7 +218,7 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
 
 # ----------------------------------------------------------------------------------------------- losses
 def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
-             ignore_index: int = -100, k: int = 10, values: str = "logits", nodes: str = "vocab",
+             teacher_chars=None, ignore_index: int = -100, k: int = 10, values: str = "logits", nodes: str = "vocab",
              graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
              distance: str = "l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_granularity: str = "sequence", deterministic: bool = False,
@@ -239,6 +239,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
             :mod:`infigw.weighting`): "uncertainty" (entropy of the teacher's top-k distribution) or "nll" (NLL
             of its gold next tokens: needs teacher_labels, or the student's labels for a teacher sharing its
             positions). weight_granularity: "sequence" | "token" (per aligned position, then averaged per graph).
+        teacher_chars: per teacher, (B, T') characters covered by each position's target token: the weights'
+            uncertainties become per character, comparable across tokenizers (ours; :mod:`infigw.weighting`).
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (see :mod:`infigw.dispatch`).
         return_components: also return a dict with per-teacher terms "gld" (S, G), "weights" (S, G) and
             "included" (S, G); at token granularity also "token_weights" (S, B, T) on the student positions.
@@ -248,8 +250,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_graph_options(values, nodes, graph_norm, scope, num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
     inputs = resolve(student_logits, teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, ignore_index=ignore_index, k=k, temperature=temperature,
-                     teacher_weights=teacher_weights, weight_temperature=weight_temperature,
+                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
+                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity)
     check_records_serve(inputs.teachers, values=values, exact_probs=values == "probs", temperature=temperature)
     terms, included = gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
@@ -263,7 +265,7 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 
 def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
-             ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
+             teacher_chars=None, ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, record_tail: str = "zeros", reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_k: int = 10, weight_granularity: str = "sequence",
              return_components: bool = False):
@@ -288,8 +290,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_choice(reduction, "reduction", REDUCTIONS)
     check_count(weight_k, "weight_k")
     inputs = resolve(student_logits, teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, ignore_index=ignore_index, temperature=temperature,
-                     teacher_weights=teacher_weights, weight_temperature=weight_temperature,
+                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index,
+                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity, weight_k=weight_k)
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
@@ -302,7 +304,7 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 
 def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None,
-                     ignore_index: int = -100, lam: float = 0.5, gamma: float = 1.0, k: int = 10,
+                     teacher_chars=None, ignore_index: int = -100, lam: float = 0.5, gamma: float = 1.0, k: int = 10,
                      values: str = "logits", nodes: str = "vocab", graph_norm: str = "mean",
                      num_nodes: Optional[int] = None, distance: str = "l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, record_tail: str = "zeros",
@@ -325,8 +327,8 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     check_choice(reduction, "reduction", REDUCTIONS)
     objective.check_factors(lam, gamma)
     inputs = resolve(student_logits, teacher_logits, labels, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, ignore_index=ignore_index, k=k, temperature=temperature,
-                     teacher_weights=teacher_weights, weight_temperature=weight_temperature,
+                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
+                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity)
     uld.check_options(inputs, uld_top_k, standardize, record_tail)
     distilled, graphs = lam != 0, lam != 0 and gamma != 0

@@ -151,7 +151,7 @@ def test_packed_rows_need_one_teacher_row_per_sequence(tokenizers, teachers):
     packer = FusionCollator(tokenizers["unigram"], [t.tokenizer for t in teachers], packing=True)
     packed = packer([{"text": text} for text in TEXTS[:2]])
     logits = torch.zeros(*packed["input_ids"].shape, len(tokenizers["unigram"]))
-    wrong = [(t[:1], y[:1]) for t, y in _teacher_outputs(teachers, packed)]
+    wrong = [(t.logits[:1], t.targets[:1]) for t in _teacher_outputs(teachers, packed)]
     with pytest.raises(ValueError, match="teacher 0 has 1 sequences but the student batch has 2"):
         FusionObjective()(logits, packed, wrong)
 

@@ -10,8 +10,8 @@ Needs ``pip install infigw[hf]``.
 """
 from .batch import FusionCollator, sequence_view, shifted_targets
 from .loss import FusionObjective, count_items
-from .teachers import OnlineTeacher
+from .teachers import OnlineTeacher, TeacherOutput
 from .trainer import FusionMixin, FusionTrainer, fusion_trainer_class
 
-__all__ = ["FusionTrainer", "FusionMixin", "fusion_trainer_class", "FusionCollator", "OnlineTeacher",
+__all__ = ["FusionTrainer", "FusionMixin", "fusion_trainer_class", "FusionCollator", "OnlineTeacher", "TeacherOutput",
            "FusionObjective", "count_items", "sequence_view", "shifted_targets"]

@@ -21,6 +21,7 @@ import torch.nn.functional as torch_F
 from .. import functional
 from ..losses import InfiGFusionLoss
 from .batch import IGNORE_INDEX, sequence_view, shifted_targets
+from .teachers import TeacherOutput
 
 # Options of infigfusion_loss this objective sets itself.
 _OWN = ("lam", "reduction", "return_components")
@@ -67,8 +68,8 @@ class FusionObjective:
         Args:
             student_logits: (B, T, V) unshifted, as the model returns them (packed rows allowed).
             batch: the student's ``labels`` (B, T) unshifted and, for packed rows, ``position_ids``.
-            teachers: one ``(logits or TopKRecord, targets)`` per teacher, shifted and split into sequences
-                (one row per sequence of the batch, in row-major order).
+            teachers: one :class:`~infigw.train.teachers.TeacherOutput` (or ``(logits or TopKRecord, targets)``)
+                per teacher, shifted, one row per sequence of the batch (packed rows in row-major order).
             counts: (2,) global [tokens, sequences] of the step (:func:`count_items` summed over micro-batches
                 and ranks); None: this micro-batch's own counts (evaluation).
         """
@@ -87,19 +88,22 @@ class FusionObjective:
         local_tokens = max(int((targets != IGNORE_INDEX).sum()), 1)
         logs = {"ce": float(ce_sum.detach()) / local_tokens}
         if self.lam != 0 and teachers:
+            teachers = [TeacherOutput(*teacher) for teacher in teachers]
             self._check_teachers(teachers, logits.shape[0])
+            chars = [t.chars for t in teachers]
             distill, parts = functional.infigfusion_loss(
-                logits, [t for t, _ in teachers], targets, teacher_labels=[y for _, y in teachers], lam=1.0,
-                reduction="none", return_components=True, **self.options)
+                logits, [t.logits for t in teachers], targets, teacher_labels=[t.targets for t in teachers],
+                teacher_chars=None if any(c is None for c in chars) else chars, lam=1.0, reduction="none",
+                return_components=True, **self.options)
             loss = loss + self.lam * distill.sum() / sequences.to(distill.dtype)
             logs.update(self._component_logs(parts))
         return StepTerms(loss, logs)
 
     @staticmethod
     def _check_teachers(teachers, sequences: int) -> None:
-        for i, (teacher, _) in enumerate(teachers):
-            if teacher.shape[0] != sequences:
-                raise ValueError(f"teacher {i} has {teacher.shape[0]} sequences but the student batch has {sequences} "
+        for i, teacher in enumerate(teachers):
+            if teacher.logits.shape[0] != sequences:
+                raise ValueError(f"teacher {i} has {teacher.logits.shape[0]} sequences but the student batch has {sequences} "
                                  "(packed rows are split into sequences: give the teachers one row per sequence)")
 
     def _component_logs(self, parts: dict) -> Dict[str, float]:

@@ -5,11 +5,24 @@ device or, with ``offload=True``, kept in CPU memory and streamed to the device 
 (``accelerate.cpu_offload``). Its outputs for a batch are its logits aligned with its own shifted targets, in the
 form the losses take (``teacher_logits`` + ``teacher_labels``).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .batch import shifted_targets
+
+
+class TeacherOutput(NamedTuple):
+    """One teacher's side of a batch, aligned with its own shifted targets: what the losses take."""
+    logits: object  # (B, T' - 1, V_t) dense logits or a TopKRecord
+    targets: torch.Tensor  # (B, T' - 1) the token each position predicts, -100 to ignore
+    chars: Optional[torch.Tensor] = None  # (B, T' - 1) characters of each target token (per-character weights)
+
+
+def target_chars(offsets: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2) character spans of the tokens -> (B, T - 1) characters covered by each position's target."""
+    spans = offsets[:, 1:]
+    return (spans[..., 1] - spans[..., 0]).clamp_min(0)
 
 
 class OnlineTeacher:
@@ -44,12 +57,12 @@ class OnlineTeacher:
         self._device = device
 
     @torch.no_grad()
-    def outputs(self, inputs: dict):
-        """(logits (B, T' - 1, V_t), targets (B, T' - 1)) for the teacher's part of a batch (see
-        :class:`~infigw.train.FusionCollator`): logit t predicts target t; ``-100`` marks positions to ignore."""
+    def outputs(self, inputs: dict) -> TeacherOutput:
+        """The teacher's :class:`TeacherOutput` for its part of a batch (see :class:`~infigw.train.FusionCollator`):
+        logit t predicts target t; ``-100`` marks positions to ignore."""
         device = self._device if self._device is not None and not self.offload else inputs["input_ids"].device
         ids = inputs["input_ids"].to(device)
         mask = inputs["attention_mask"].to(device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target_device = inputs["input_ids"].device
-        return logits.to(target_device), shifted_targets(inputs["labels"]).to(target_device)
+        home = inputs["input_ids"].device
+        return TeacherOutput(logits.to(home), shifted_targets(inputs["labels"]), target_chars(inputs["offsets"]))

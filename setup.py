@@ -97,10 +97,10 @@ setup(
         "triton": ["triton>=3.0"],
         # The CPU tests run Triton kernels in its interpreter, whose behaviour changes between releases: pin the
         # version they are checked with (3.6.0, also on the GPU machines), and numpy < 2.4 (triton-lang/triton#9171).
-        "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm", "trl"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
         "merge": ["safetensors", "tqdm"],
-        "hf": ["transformers"],
+        "hf": ["transformers", "accelerate", "datasets", "pyyaml"],  # + fusion training (infigw.train, infigw.fuse)
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -226,3 +226,30 @@ def test_two_process_gloo_ddp_equals_one_big_batch(tokenizers, teachers, tmp_pat
     big = _update(_trainer(tokenizers, teachers, batch=4, accumulation=1, output_dir=str(tmp_path)))
     for name in big:
         assert_close(ddp[name], big[name], atol=1e-7, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_sft_trainer_with_its_own_pipeline(tokenizers, teachers, packing):
+    """TRL's SFTTrainer tokenizes (and packs) itself: the teachers read each sequence decoded from the student's
+    tokens (exact here: the Unigram tokenizer is lossless), packed rows are split into sequences."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from infigw.train import fusion_trainer_class
+
+    arguments = trl.SFTConfig(output_dir="unused", max_steps=1, per_device_train_batch_size=3, report_to=[],
+                              use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, packing=packing)
+    trainer = fusion_trainer_class(trl.SFTTrainer)(
+        model=tiny_llama(len(tokenizers["unigram"]), seed=3), args=arguments,
+        train_dataset=Dataset.from_dict({"text": TEXTS[:3]}), processing_class=tokenizers["unigram"],
+        teachers=teachers, objective=InfiGFusionLoss(values="topk_probs", nodes="rank"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("position_ids" in batch) == packing and batch["input_ids"].shape[0] == (1 if packing else 3)
+    parts = trainer._parts_from_student_tokens(batch)
+    for part, teacher in zip(parts, teachers):
+        assert part["input_ids"].shape[0] == 3  # one row per sequence, packed or not
+        decoded = teacher.tokenizer.batch_decode(part["input_ids"], skip_special_tokens=True)
+        squeeze = str.maketrans("", "", " \u2581")  # the toy WordPiece decoder keeps Metaspace's marks
+        assert sorted(d.translate(squeeze) for d in decoded) == sorted(t.translate(squeeze) for t in TEXTS[:3])
+    trainer.train()
+    assert trainer.state.log_history[0]["gld/bpe"] > 0

@@ -129,6 +129,17 @@ def pack(batch: dict) -> dict:
     return packed
 
 
+def sequences_of(x: torch.Tensor, position_ids: Optional[torch.Tensor], fill=0) -> torch.Tensor:
+    """Shifted (B, T - 1, ...) values -> one row per sequence (S, L, ...) when rows are packed (``position_ids``
+    restarting at 0), else ``x`` itself. The split is the one of the unshifted (B, T) grid, so the sequences
+    are those of :func:`sequence_view` on ``position_ids``."""
+    view = sequence_view(position_ids, position_ids.shape, position_ids.device) if position_ids is not None else None
+    if view is None:
+        return x
+    padded = torch.cat([x, torch.full_like(x[:, :1], fill)], dim=1)  # position T - 1 predicts nothing
+    return view.gather(padded, fill)
+
+
 def shifted_targets(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, T) unshifted labels -> (B, T - 1) targets aligned with ``logits[:, :-1]``: target t is label t + 1,
     and ``-100`` where position t + 1 starts a new packed sequence (``position_ids == 0``)."""

@@ -16,11 +16,14 @@ from collections import defaultdict
 from typing import Optional, Sequence
 
 import torch
+from transformers.utils import logging
 
 from ..losses import InfiGFusionLoss
-from .batch import FusionCollator
+from .batch import FusionCollator, sequence_view, tokenize
 from .loss import FusionObjective, count_items
 from .teachers import OnlineTeacher
+
+logger = logging.get_logger(__name__)
 
 # Columns of a fusion dataset that the model's forward does not take but the collator needs.
 TEXT_COLUMNS = ("text", "prompt", "completion", "response_start", "index")
@@ -46,7 +49,10 @@ class FusionMixin:
             if not isinstance(teacher, OnlineTeacher):
                 raise TypeError(f"teachers[{i}] must be an infigw.train.OnlineTeacher, got {type(teacher).__name__}")
             teacher.name = teacher.name or f"teacher{i}"
-        if kwargs.get("data_collator") is None:
+        # TRL's SFTTrainer (its config has `packing`) tokenizes and packs itself: the teachers then read text
+        # decoded from its batches; a plain Trainer gets the collator that keeps the raw text.
+        trl_pipeline = hasattr(kwargs.get("args", args[1] if len(args) > 1 else None), "packing")
+        if kwargs.get("data_collator") is None and not trl_pipeline:
             tokenizer = kwargs.get("processing_class")
             if tokenizer is None:
                 raise ValueError("pass processing_class (the student's tokenizer) or a data_collator")
@@ -58,6 +64,7 @@ class FusionMixin:
         self.model_accepts_loss_kwargs = True  # ... so the Trainer must not rescale it (older transformers)
         self._component_sums = defaultdict(float)
         self._component_steps = 0
+        self._warned_decoding = False
         for teacher in teachers:
             teacher.prepare(self.args.device)
 
@@ -96,14 +103,41 @@ class FusionMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _teacher_outputs(self, inputs):
-        """Each online teacher's (logits, targets), one row per sequence of the student batch."""
+        """Each online teacher's :class:`~infigw.train.TeacherOutput`, one row per sequence of the batch."""
         if not self.teachers:
             return []
         parts = inputs.get("teachers")
-        if parts is None or len(parts) != len(self.teachers):
-            raise ValueError(f"the batch must carry one tokenized part per online teacher ({len(self.teachers)}) "
-                             "under 'teachers': use infigw.train.FusionCollator with the teachers' tokenizers")
+        if parts is None:
+            parts = self._parts_from_student_tokens(inputs)
+        if len(parts) != len(self.teachers):
+            raise ValueError(f"the batch carries {len(parts)} teacher parts for {len(self.teachers)} online teachers")
         return [teacher.outputs(part) for teacher, part in zip(self.teachers, parts)]
+
+    def _parts_from_student_tokens(self, inputs):
+        """Teacher parts for a batch made without :class:`FusionCollator` (TRL's own pipeline, packed or not):
+        each sequence's text is decoded from the student's tokens, exact for lossless tokenizers (byte-level BPE,
+        SentencePiece-style) only, and every target of the teachers is learnt."""
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            raise ValueError("the batch has no teacher parts and the trainer no processing_class to decode the "
+                             "student's tokens with: use infigw.train.FusionCollator")
+        if not self._warned_decoding:
+            logger.warning("fusion: the teachers read text decoded from the student's tokens (the batch has no raw "
+                           "text); this is exact only for lossless student tokenizers")
+            self._warned_decoding = True
+        ids = inputs["input_ids"]
+        position_ids = inputs.get("position_ids")
+        view = sequence_view(position_ids, ids.shape, ids.device) if position_ids is not None else None
+        if view is None:
+            mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+            sequences = [row[keep].tolist() for row, keep in zip(ids, mask)]
+        else:
+            sequences = [row[keep].tolist() for row, keep in zip(view.gather(ids), view.inside)]
+        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        max_length = getattr(self.data_collator, "max_length", None)
+        return [{key: value.to(ids.device) for key, value in
+                 tokenize(teacher.tokenizer, texts, [0] * len(texts), max_length).items()}
+                for teacher in self.teachers]
 
     def log(self, logs, *args, **kwargs):
         if self._component_steps and "loss" in logs:

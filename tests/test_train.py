@@ -253,3 +253,16 @@ def test_trl_sft_trainer_with_its_own_pipeline(tokenizers, teachers, packing):
         assert sorted(d.translate(squeeze) for d in decoded) == sorted(t.translate(squeeze) for t in TEXTS[:3])
     trainer.train()
     assert trainer.state.log_history[0]["gld/bpe"] > 0
+
+
+def test_the_first_example_of_docs_training_runs_as_written(tmp_path, monkeypatch):
+    """docs/training.md's first code block, executed as it stands (in a scratch directory)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "training.md")).read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "docs/training.md", "exec"), namespace)
+    logged = namespace["trainer"].state.log_history[0]
+    assert {"ce", "uld/math", "gld/lore", "weights/math"} <= set(logged)
+    assert (tmp_path / "fused" / "config.json").exists()

@@ -97,10 +97,13 @@ setup(
         "triton": ["triton>=3.0"],
         # The CPU tests run Triton kernels in its interpreter, whose behaviour changes between releases: pin the
         # version they are checked with (3.6.0, also on the GPU machines), and numpy < 2.4 (triton-lang/triton#9171).
-        "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm", "trl"],
+        "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm",
+                 "trl"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
         "merge": ["safetensors", "tqdm"],
-        "hf": ["transformers", "accelerate", "datasets", "pyyaml"],  # + fusion training (infigw.train, infigw.fuse)
+        # 4.48: the first release whose Llama and GPT-2 return Cache objects, which beam search with DLF reorders;
+        # accelerate, datasets, pyyaml: fusion training (infigw.train, python -m infigw.fuse)
+        "hf": ["transformers>=4.48", "accelerate", "datasets", "pyyaml"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -47,15 +47,15 @@ def check_choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_logits(logits, name: str, ndim: int = 3) -> torch.Tensor:
-    """A floating tensor of rank ``ndim`` (default (B, T, V)) with no empty dimension."""
+def check_logits(logits, name: str, ndim: int = 3, layout: Optional[str] = None) -> torch.Tensor:
+    """A floating tensor of rank ``ndim`` (default (B, T, V)) with no empty dimension; ``layout`` names the axes."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {logits.dtype}")
     if logits.dim() != ndim:
-        layout = " (batch, positions, vocab)" if ndim == 3 else ""
-        raise ValueError(f"{name} must have {ndim} dimensions{layout}, got shape {tuple(logits.shape)}")
+        expected = f"{ndim} dimensions {layout or ('(batch, positions, vocab)' if ndim == 3 else '')}".rstrip()
+        raise ValueError(f"{name} must have {expected}, got shape {tuple(logits.shape)}")
     if logits.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(logits.shape)}")
     return logits

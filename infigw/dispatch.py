@@ -24,7 +24,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-OPS = ("topk_degrees", "sorted_gw1d", "topk_summary")
+OPS = ("topk_degrees", "sorted_gw1d", "topk_summary", "dlf_search")
 SHARED_OPS = ("kept_degrees",)
 
 # auto preference per device type and op, from the measurements in benchmarks/RESULTS.md (H100):
@@ -32,20 +32,22 @@ SHARED_OPS = ("kept_degrees",)
 # 0.66 ms vs CUDA 1.12 ms fwd+bwd on 16 x 151936 lists. The sorted L1 (one elementwise pass, where torch's own
 # kernels beat custom ones) and the explicit graph (validation only) have no kernels: they are plain torch.
 AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("torch",)},
+    "cpu": {"topk_degrees": ("cpp", "torch"), "sorted_gw1d": ("cpp", "torch"), "topk_summary": ("torch",),
+            "dlf_search": ("torch",)},
     "cuda": {
         "topk_degrees": ("cuda", "triton", "torch"),
         "topk_summary": ("cuda", "triton", "torch"),
         "sorted_gw1d": ("triton", "cuda", "torch"),
+        "dlf_search": ("triton", "torch"),  # the Triton kernel; its torch path was never timed on a GPU
     },
 }
 
 # Modules that register implementations when imported, and why a backend may be missing.
 _PROVIDERS = {
-    "torch": "infigw.reference",
-    "cpp": "infigw.extension",
-    "cuda": "infigw.extension",
-    "triton": "infigw.triton",
+    "torch": ("infigw.reference", "infigw.dlf.search"),
+    "cpp": ("infigw.extension",),
+    "cuda": ("infigw.extension",),
+    "triton": ("infigw.triton",),
 }
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
 _MAX_K: Dict[Tuple[str, str], int] = {}  # the largest k an implementation accepts, where it has a limit
@@ -72,16 +74,16 @@ def mark_unavailable(backend: str, reason: str) -> None:
 
 
 def _load(backend: str) -> None:
-    module = _PROVIDERS[backend]
-    if module in _loaded:
-        return
-    _loaded.add(module)
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
-        for name, provider in _PROVIDERS.items():
-            if provider == module:
-                _UNAVAILABLE.setdefault(name, f"importing {module} failed: {exc}")
+    for module in _PROVIDERS[backend]:
+        if module in _loaded:
+            continue
+        _loaded.add(module)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
+            for name, providers in _PROVIDERS.items():
+                if module in providers:
+                    _UNAVAILABLE.setdefault(name, f"importing {module} failed: {exc}")
 
 
 def _why_not(backend: str, op: str, device: torch.device, k: int | None = None) -> str | None:

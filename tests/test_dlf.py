@@ -1,4 +1,5 @@
-"""DLF candidate search: fused paths (torch, Triton) against the brute-force reference, ties, α = 0, bad input.
+"""DLF candidate search: fused paths (torch, Triton) against the brute-force reference, ties, α = 0, masked
+tokens, overflow, bad input, backend choice through infigw.dispatch.
 
 Triton cases run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (set before pytest starts); else they skip.
 """
@@ -8,6 +9,7 @@ import os
 import pytest
 import torch
 
+from infigw import dispatch
 from infigw.dispatch import BackendUnavailableError
 from infigw.dlf import DEFAULT_GRID, candidate_alphas, dlf_reference, dlf_search
 from infigw.dlf.common import MAX_FULL_CANDIDATES
@@ -43,8 +45,9 @@ def magnitude(*xs):
     return 1.0 + max(float(x.abs().max()) for x in xs)
 
 
-def assert_matches_reference(res, ref, inputs):
-    """Objective/KLs within fp32 tolerance of the fp64 reference and the same choice up to near-ties."""
+def assert_matches_reference(res, ref, inputs, logits_at=None):
+    """Objective/KLs within fp32 tolerance of the fp64 reference and the same choice up to near-ties; the fused
+    logits where ``logits_at`` (bool, like the logits) holds, everywhere by default."""
     scale = magnitude(*inputs) + float(torch.log(torch.tensor(float(inputs[0].shape[-1]))))
     kl_tol = RTOL * scale
     for name in ("kl_forward", "kl_reverse", "target_forward", "target_reverse"):
@@ -66,7 +69,8 @@ def assert_matches_reference(res, ref, inputs):
     picked = ref.candidates.to(res.alpha.dtype).cpu()[res.candidate.cpu()]
     assert_close(res.alpha, picked, atol=0, rtol=0, name="alpha (the chosen candidate's row)")
     fused = inputs[0].double() + torch.einsum("bt,btv->bv", res.alpha.double(), inputs[2].double() - inputs[1].double().unsqueeze(1))
-    assert_close(res.logits, fused, rtol=RTOL, atol=RTOL * magnitude(*inputs), name="fused logits")
+    at = torch.ones_like(fused, dtype=torch.bool) if logits_at is None else logits_at
+    assert_close(res.logits[at], fused[at], rtol=RTOL, atol=RTOL * magnitude(*inputs), name="fused logits")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,12 +165,12 @@ def test_expert_target_picks_its_alpha(backend):
 @pytest.mark.skipif(not HAS_TRITON_TARGET, reason="needs CUDA or TRITON_INTERPRET=1 set before pytest")
 @pytest.mark.parametrize("num_splits", [1, 2, 7])
 def test_triton_vocabulary_splits_agree(num_splits):
-    from infigw.dlf.triton_search import search_triton
+    from infigw.triton.dlf_search import candidate_stats
 
     large, small, experts = make_logits(2, 300, 2, seed=num_splits)
     cands = candidate_alphas(2, device=DEVICE)
     ref = dlf_reference(large.double(), small.double(), experts.double())
-    got = search_triton(large, small, experts, cands, num_splits=num_splits)
+    got = candidate_stats(large, small, experts, cands, num_splits=num_splits)
     assert_close(got[0], ref.objective, rtol=RTOL, atol=1e-4, name=f"objective, {num_splits} splits")
     assert_close(got[1], ref.kl_forward, rtol=RTOL, atol=1e-5, name=f"KL(P~|P), {num_splits} splits")
 
@@ -197,37 +201,119 @@ def test_candidate_order():
 NONFINITE_WARNING = "ignore::RuntimeWarning"  # numpy on NaN/inf values, under the Triton interpreter
 
 
-@pytest.mark.filterwarnings(NONFINITE_WARNING)
 @pytest.mark.parametrize("search", [dlf_reference, dlf_search])
 def test_bad_inputs_raise_clear_errors(search):
     large, small, experts = make_logits(2, 20, 2)
     cases = [
         ((large, small[:, :19], experts), ValueError, "vocabulary mismatch: small_logits"),
         ((large, small, experts[..., :19]), ValueError, "vocabulary mismatch: expert_logits"),
-        ((large, small, experts[:, :0]), ValueError, "num_experts = 0"),
+        ((large, small, experts[:, :0]), ValueError, "expert_logits must not be empty"),
         ((large, small, []), ValueError, "at least one expert"),
+        ((large, small, "abc"), TypeError, "expert_logits must be a"),
         ((large, small[:1], experts), ValueError, "batch mismatch"),
-        ((large[0], small, experts), ValueError, "large_logits must have shape"),
-        ((large, small, experts[:, 0]), ValueError, "expert_logits must have shape"),
-        ((large.long(), small, experts), TypeError, "large_logits must be a floating tensor"),
+        ((large[:0], small[:0], experts[:0]), ValueError, "large_logits must not be empty"),
+        ((large[0], small, experts), ValueError, r"large_logits must have 2 dimensions \(batch, vocab\)"),
+        ((large, small, experts[:, 0]), ValueError, r"expert_logits must have 3 dimensions \(batch, num_experts"),
+        ((large.long(), small, experts), TypeError, "large_logits must be float32"),
     ]
     for args, exc, text in cases:
         with pytest.raises(exc, match=text):
             search(*args)
-    for pos, name in enumerate(("large_logits", "small_logits", "expert_logits")):
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            args = [large.clone(), small.clone(), experts.clone()]
-            args[pos].view(-1)[7] = bad
-            with pytest.raises(ValueError, match=f"{name} contains non-finite values"):
-                search(*args)
-    for grid, text in (((), "grid is empty"), ((0.0, 0.0), "strictly increasing"), ((0.0, float("nan")), "finite")):
-        with pytest.raises(ValueError, match=text):
+    for grid, exc, text in (
+        (None, TypeError, "grid must be a sequence"),
+        ("abc", TypeError, "grid must be a sequence"),
+        (1.0, TypeError, "grid must be a sequence"),
+        (torch.tensor(1.0), TypeError, "grid must be a sequence"),
+        ((0.0, "a"), ValueError, "grid must hold finite numbers, got 'a'"),
+        ((0.0, True), ValueError, "grid must hold finite numbers, got True"),
+        ((0.0, float("nan")), ValueError, "grid must hold finite numbers"),
+        ((), ValueError, "grid is empty"),
+        ((0.0, 0.0), ValueError, "strictly increasing"),
+    ):
+        with pytest.raises(exc, match=text):
             search(large, small, experts, grid=grid)
+    assert torch.equal(search(large, small, experts, grid=torch.tensor([0.0, 1.0])).candidates,
+                       search(large, small, experts, grid=[0, 1]).candidates)
     with pytest.raises(ValueError, match="mode must be one of"):
         search(large, small, experts, mode="joint")
     many = torch.randn(2, 5, 20)
     with pytest.raises(ValueError, match=f"> {MAX_FULL_CANDIDATES}"):
         search(torch.randn(2, 20), torch.randn(2, 20), many, mode="full")
+
+
+@pytest.mark.filterwarnings(NONFINITE_WARNING)
+@pytest.mark.parametrize("search", [dlf_reference, dlf_search] + [
+    pytest.param(lambda *args: dlf_search(*args, backend="triton"), id="triton", marks=BACKENDS[1].marks)
+])
+def test_non_finite_inputs_name_the_tensor(search):
+    large, small, experts = make_logits(3, 20, 2, device="cpu")
+    for pos, bad, text in (
+        (0, float("nan"), r"large_logits contains NaN or \+inf in batch rows \[1\]"),
+        (0, float("inf"), r"large_logits contains NaN or \+inf"),
+        (1, float("nan"), "small_logits contains non-finite values"),
+        (1, float("-inf"), "small_logits contains non-finite values"),
+        (2, float("inf"), "expert_logits contains non-finite values"),
+        (2, float("-inf"), "expert_logits contains non-finite values"),
+    ):
+        args = [large.clone(), small.clone(), experts.clone()]
+        args[pos][1].view(-1)[7] = bad
+        with pytest.raises(ValueError, match=text):
+            search(*[x.to(DEVICE) for x in args])
+    masked = large.clone()
+    masked[2] = float("-inf")
+    with pytest.raises(ValueError, match=r"large_logits masks every token \(all -inf\) in batch rows \[2\]"):
+        search(masked.to(DEVICE), small.to(DEVICE), experts.to(DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_tokens_stay_masked(backend, monkeypatch):
+    """-inf in the large logits (a token masked by an earlier logits processor) has probability 0 under P and
+    every P̃_c. Oracle: the reference with the masked logits replaced by -1e4, whose exp is exactly 0 in fp64.
+    Row 0 has its whole first part masked, so a first vocabulary tile/split sees only -inf."""
+    from infigw.dlf import search
+
+    monkeypatch.setattr(search, "TORCH_MIN_TILE", 1)  # many torch tiles: the first ones fully masked
+    monkeypatch.setattr(search, "TORCH_TILE_FACTOR", 1)
+    monkeypatch.setattr(search, "TORCH_MIN_VOCAB_CHUNK", 16)
+    large, small, experts = make_logits(3, 200, 2, seed=12)
+    masked = torch.zeros_like(large, dtype=torch.bool)
+    masked[0, :150] = True
+    masked[1, torch.randperm(200, generator=torch.Generator().manual_seed(0))[:60]] = True
+    large = large.masked_fill(masked, float("-inf"))
+    oracle = dlf_reference(large.double().masked_fill(masked, -1e4), small.double(), experts.double())
+    res = dlf_search(large, small, experts, backend=backend)
+    assert bool(res.logits[masked].eq(float("-inf")).all()), "a masked token got a finite fused logit"
+    assert bool(res.logits[~masked].isfinite().all())
+    assert_matches_reference(res, oracle, (large.masked_fill(masked, -1e4), small, experts), logits_at=~masked)
+    ref = dlf_reference(large.double(), small.double(), experts.double())
+    assert_close(ref.objective, oracle.objective, rtol=1e-12, atol=1e-12, name="reference with -inf vs -1e4")
+
+
+@pytest.mark.filterwarnings(NONFINITE_WARNING)
+def test_overflowing_candidates_are_never_chosen():
+    """Finite logits near the float32 limit: at token 0, L = 2e38 and Δ = 1e38 with Q = Q_t = 0 there. Every α > 0
+    overflows (L + αΔ or the cancellation in its KLs); exactly, every α has the same objective (P = P̃ = a point
+    mass), so α = 0 is right, as the fp64 reference finds."""
+    large, small, experts = make_logits(2, 30, 1, device="cpu")
+    large[:, 0], small[:, 0], experts[:, 0, 0] = 2e38, -1.3e38, -3e37
+    for backend in ("torch",) + (("triton",) if HAS_TRITON_TARGET else ()):
+        res = dlf_search(*(x.to(DEVICE) for x in (large, small, experts)), backend=backend)
+        assert bool((res.alpha == 0).all()) and torch.equal(res.logits.cpu(), large)
+        assert not bool(res.objective.isfinite().all()), "the test should make some candidates overflow"
+    ref = dlf_reference(large.double(), small.double(), experts.double())
+    assert bool((ref.candidate == 0).all())
+
+
+@pytest.mark.filterwarnings(NONFINITE_WARNING)
+@pytest.mark.parametrize("search", [dlf_reference, dlf_search])
+def test_logits_near_float32_max_raise_when_every_candidate_overflows(search):
+    """Logits of magnitude ~2e38: Δ = S_t − S overflows, so every candidate's objective does."""
+    g = torch.Generator().manual_seed(1)
+    large, small = (torch.rand(2, 16, generator=g) * 2 - 1) * 2e38, (torch.rand(2, 16, generator=g) * 2 - 1) * 2e38
+    experts = ((torch.rand(2, 1, 16, generator=g) * 2 - 1) * 2e38)
+    assert all(bool(x.isfinite().all()) for x in (large, small, experts))
+    with pytest.raises(ValueError, match=r"every DLF candidate overflows float32 in batch rows \[0, 1\]"):
+        search(large, small, experts)
 
 
 @pytest.mark.filterwarnings(NONFINITE_WARNING)
@@ -239,14 +325,30 @@ def test_nan_passes_through_without_check(backend):
     assert bool(res.objective[1].isnan().all()) and bool(res.objective[0].isfinite().all())
 
 
-def test_backend_argument(monkeypatch):
+def test_backend_is_chosen_by_dispatch(monkeypatch):
+    """The op "dlf_search" of infigw.dispatch: auto order by device, INFIGW_BACKEND, unavailable backends."""
     large, small, experts = make_logits(1, 8, 1, device="cpu")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        dlf_search(large, small, experts, backend="cuda")
+    want = dlf_search(large, small, experts, backend="torch")
+    assert torch.equal(dlf_search(large, small, experts).objective, want.objective)
+    assert dispatch.resolve("dlf_search", "auto", torch.device("cpu"))[0] == "torch"
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        dlf_search(large, small, experts, backend="bogus")
+    with pytest.raises(BackendUnavailableError, match="backend 'cpp' cannot run 'dlf_search'"):
+        dlf_search(large, small, experts, backend="cpp")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="Triton needs CUDA tensors"):
+    with pytest.raises(BackendUnavailableError, match="'triton' needs CUDA tensors"):
         dlf_search(large, small, experts, backend="triton")
-    assert dlf_search(large, small, experts).objective.shape == (1, 21)  # auto falls back to torch on CPU
+    monkeypatch.setenv("INFIGW_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="'triton' needs CUDA tensors"):
+        dlf_search(large, small, experts)
+    monkeypatch.setenv("INFIGW_BACKEND", "torch")
+    assert torch.equal(dlf_search(large, small, experts).objective, want.objective)
+
+
+def test_auto_prefers_triton_for_cuda_tensors():
+    """Resolution only (nothing runs): on CUDA tensors auto takes the Triton kernel where Triton imports."""
+    pytest.importorskip("triton")
+    assert dispatch.resolve("dlf_search", "auto", torch.device("cuda"))[0] == "triton"
 
 
 @pytest.mark.gpu
@@ -268,14 +370,14 @@ def test_triton_kernels_compile_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from infigw.dlf import triton_search as ts
+    from infigw.triton import dlf_search as ts
 
     f32, i32 = "*fp32", "i32"
     strides = {"stride_l": i32, "stride_s": i32, "stride_eb": i32, "stride_et": i32}
     kernels = [
         (ts._partial_kernel,
          {"L": "*bf16", "S": "*bf16", "E": "*bf16", "A": f32, **strides, "cand_part": f32, "p_part": f32,
-          "q_part": f32, "qt_part": f32, "bad_part": "*i32", "V": i32, "C": i32, "n_split": i32},
+          "q_part": f32, "qt_part": f32, "V": i32, "C": i32, "n_split": i32},
          {"T": 4, "T_PAD": 4, "C_BLOCK": 128, "BLOCK_V": 32, "TILES": 10}, ts.PARTIAL_NUM_WARPS),
         (ts._combine_kernel,
          {"A": f32, "cand_part": f32, "p_part": f32, "q_part": f32, "qt_part": f32, "objective": f32,

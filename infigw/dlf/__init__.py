@@ -6,16 +6,17 @@ distribution is ``softmax(L + Σ_t α_t (S_t − S))`` with α chosen on a grid 
 ``Σ_t [(KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL(Q‖Q_t))²]`` — the *main-text* KL pairing of the paper (its
 appendix's last display swaps the pairing; we do not follow it).
 
-:func:`dlf_search` is the fused search (Triton / vectorised torch), :func:`dlf_reference` the brute-force
-ground truth, :class:`DLFLogitsProcessor` and :func:`dlf_generate` the Hugging Face decoding helpers.
+:func:`dlf_search` is the fused search (the ``dlf_search`` op of :mod:`infigw.dispatch`: Triton kernels in
+:mod:`infigw.triton.dlf_search`, a vectorised torch path in :mod:`infigw.dlf.search`), :func:`dlf_reference` the
+brute-force ground truth, :class:`DLFLogitsProcessor` and :func:`dlf_generate` the Hugging Face decoding helpers
+(``docs/dlf.md``).
 """
 from .common import DEFAULT_GRID, MODES, DLFResult, candidate_alphas
 from .decoding import DLFGeneration, DLFLogitsProcessor, dlf_generate
 from .reference import dlf_reference
-from .search import BACKENDS, dlf_search
+from .search import dlf_search
 
 __all__ = [
-    "BACKENDS",
     "DEFAULT_GRID",
     "MODES",
     "DLFGeneration",

@@ -5,25 +5,29 @@ inputs give an fp64 ground truth. Memory is O(B · C_chunk · V): ``candidate_ch
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
+from ..checks import check_optional_count
 from .common import (
     DEFAULT_GRID,
     DLFResult,
     ExpertLogits,
+    FusedSearch,
+    best_candidate,
     candidate_alphas,
-    nonfinite_rows,
-    raise_if_nonfinite,
-    select,
+    finish,
+    raise_if_failed,
     validate_inputs,
 )
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A‖B) over the last dimension from log-probabilities."""
-    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+    """KL(A‖B) over the last dimension from log-probabilities; tokens with A = 0 add 0 (masked tokens have
+    log A = log B = -inf, whose difference is NaN)."""
+    return torch.where(log_a == -math.inf, 0.0, log_a.exp() * (log_a - log_b)).sum(dim=-1)
 
 
 def dlf_reference(
@@ -34,15 +38,13 @@ def dlf_reference(
     mode: str = "single",
     candidate_chunk: Optional[int] = None,
 ) -> DLFResult:
-    """DLF search by brute force. Same arguments and result as :func:`infigw.dlf.dlf_search`.
+    """DLF search by brute force. Same arguments, result and errors as :func:`infigw.dlf.dlf_search`.
 
     candidate_chunk: evaluate at most this many candidates at a time (default: all at once, the
     (B, C, V) tensor the fused search avoids).
     """
     experts = validate_inputs(large_logits, small_logits, expert_logits)
-    if candidate_chunk is not None and candidate_chunk < 1:
-        raise ValueError(f"candidate_chunk must be a positive int or None, got {candidate_chunk}")
-    raise_if_nonfinite(nonfinite_rows(large_logits, small_logits, experts))
+    check_optional_count(candidate_chunk, "candidate_chunk")
     dtype = torch.promote_types(
         torch.promote_types(large_logits.dtype, small_logits.dtype),
         torch.promote_types(experts.dtype, torch.float32),
@@ -67,8 +69,11 @@ def dlf_reference(
         + (kl_reverse.unsqueeze(2) - target_reverse.unsqueeze(1)).square()
     ).sum(dim=2)
 
-    candidate, alpha, expert = select(objective, candidates, mode)
-    logits = L + torch.bmm(alpha.unsqueeze(1), delta).squeeze(1)
-    return DLFResult(
-        logits, alpha, expert, candidate, objective, kl_forward, kl_reverse, target_forward, target_reverse, candidates
+    candidate = best_candidate(objective)
+    logits = L + torch.bmm(candidates.index_select(0, candidate).unsqueeze(1), delta).squeeze(1)
+    result = finish(
+        FusedSearch(objective, kl_forward, kl_reverse, target_forward, target_reverse, candidate, logits),
+        candidates, mode,
     )
+    raise_if_failed(result, large_logits, small_logits, experts)
+    return result

@@ -16,31 +16,30 @@ So per candidate only ``lse_c`` and the softmax-weighted mean ``E_{P̃_c}[D_c]``
 (max, Σ e^{x−max}, Σ e^{x−max}·d) accumulation over vocabulary tiles, in fp32, merged across tiles/splits by
 rescaling to the common max. Nothing of size (B, C, V) is ever stored.
 
-Backends: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"`` (vectorised
-PyTorch over (rows × candidates × vocabulary-chunk) tiles of bounded size; any device). ``"auto"`` picks Triton
-where it can run, else torch.
+Backends (op ``"dlf_search"`` of :mod:`infigw.dispatch`): ``"torch"`` here, vectorised over (rows × candidates ×
+vocabulary-chunk) tiles of bounded size, any device; ``"triton"`` in :mod:`infigw.triton.dlf_search`. ``"auto"``
+takes Triton on CUDA and torch on CPU; ``INFIGW_BACKEND`` overrides it as for every op.
 """
 from __future__ import annotations
 
-import importlib
-import os
+import math
 from typing import Sequence, Tuple
 
 import torch
 
-from ..dispatch import BackendUnavailableError
+from .. import dispatch
 from .common import (
     DEFAULT_GRID,
     DLFResult,
     ExpertLogits,
+    FusedSearch,
+    best_candidate,
     candidate_alphas,
-    nonfinite_rows,
-    raise_if_nonfinite,
-    select,
+    finish,
+    raise_if_failed,
     validate_inputs,
 )
 
-BACKENDS = ("auto", "torch", "triton")
 # Elements of one (rows, C, vocabulary-chunk) tile of the torch path: TORCH_TILE_FACTOR · B · V (at least
 # TORCH_MIN_TILE), so its extra memory stays O(B·V) while the number of tiles (≈ C / factor) and thus of
 # op launches stays small — on a loaded CPU each op launch costs milliseconds of thread wake-up.
@@ -50,21 +49,17 @@ TORCH_MIN_TILE = 1 << 22
 TORCH_MIN_VOCAB_CHUNK = 256
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None when the Triton backend can run on tensors of ``device``, else why not."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type} tensors"
-    try:
-        importlib.import_module("triton")
-    except ImportError as exc:
-        return f"triton is not importable ({exc}); install infigw[triton]"
-    return None
+def finite_shift(m: torch.Tensor) -> torch.Tensor:
+    """A running max to subtract before ``exp``: -inf (every token so far masked) becomes 0, so the masked
+    entries give exp(-inf) = 0 instead of exp(-inf - (-inf)) = NaN."""
+    return m.masked_fill(m == -math.inf, 0.0)
 
 
-def merge_online(m, s, w, m_new_part, s_part, w_part):
+def merge_online(m, s, w, m_part, s_part, w_part):
     """Merge two online-softmax accumulators (max, Σe^{x−max}, Σe^{x−max}·d) elementwise."""
-    m_new = torch.maximum(m, m_new_part)
-    old, new = (m - m_new).exp(), (m_new_part - m_new).exp()
+    m_new = torch.maximum(m, m_part)
+    shift = finite_shift(m_new)
+    old, new = (m - shift).exp(), (m_part - shift).exp()
     return m_new, s * old + s_part * new, w * old + w_part * new
 
 
@@ -90,7 +85,8 @@ def _softmax_stats(x: torch.Tensor, d: torch.Tensor) -> Tuple[torch.Tensor, torc
     return lse, ((x - lse.unsqueeze(-1)).exp() * d).sum(-1)
 
 
-def _search_torch(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor):
+def search_torch(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor) -> FusedSearch:
+    """The ``torch`` backend of ``dlf_search``; inputs already validated."""
     batch, vocab = L.shape
     num_c, num_t = candidates.shape
     L, S, E = L.float(), S.float(), E.float()
@@ -114,7 +110,7 @@ def _search_torch(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates:
             d_tile = delta[r0:r1, :, v0 : v0 + chunk_v]
             x = torch.baddbmm(L[r0:r1, None, v0 : v0 + chunk_v], coef, d_tile)  # L + D_c, (rows, C, chunk)
             m_part = x.amax(-1)
-            e = x.sub_(m_part.unsqueeze(-1)).exp_()
+            e = x.sub_(finite_shift(m_part).unsqueeze(-1)).exp_()
             # Σ_v e·D_c = Σ_t a_c[t] Σ_v e·Δ_t: one batched GEMM instead of another pass over the tile
             w_part = (torch.bmm(e, d_tile.transpose(1, 2)) * coef).sum(-1)
             m, s, w = merge_online(m, s, w, m_part, e.sum(-1), w_part)
@@ -123,7 +119,13 @@ def _search_torch(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates:
     objective, kl_f, kl_r, tgt_f, tgt_r = objective_from_stats(
         lse_c, mean_c, lse_l.squeeze(1), mean_p, lse_s.squeeze(1), mean_q, lse_t, mean_qt, candidates
     )
-    return objective, kl_f, kl_r, tgt_f, tgt_r, delta
+    candidate = best_candidate(objective)
+    alpha = candidates.index_select(0, candidate)
+    logits = L + torch.bmm(alpha.unsqueeze(1), delta).squeeze(1)
+    return FusedSearch(objective, kl_f, kl_r, tgt_f, tgt_r, candidate, logits)
+
+
+dispatch.register("torch", "dlf_search", search_torch)
 
 
 def dlf_search(
@@ -138,31 +140,18 @@ def dlf_search(
     """Choose the DLF coefficients per row and return the fused logits (see :class:`DLFResult`).
 
     large_logits (B, V), small_logits (B, V), expert_logits (B, T, V) or a list of T (B, V) tensors; any float
-    dtype, computed in fp32. ``grid``: strictly increasing α values (default: the paper's 0.0, 0.1, …, 2.0).
+    dtype, computed in fp32. ``-inf`` in large_logits marks a masked token (it stays masked).
+    ``grid``: strictly increasing α values (default: the paper's 0.0, 0.1, …, 2.0).
     ``mode``: ``"single"`` (one active expert per step, C = G·T) or ``"full"`` (C = G**T, small T only).
-    ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``; an explicit backend that cannot run raises
-    :class:`infigw.dispatch.BackendUnavailableError`. ``check_finite``: raise ``ValueError`` when an input
-    holds NaN/±inf (costs one host sync; with False, such rows give NaN objectives).
+    ``backend``: ``"auto"`` or a name of :data:`infigw.dispatch.BACKENDS` (``"torch"``, ``"triton"`` implement it);
+    one that cannot run raises :class:`infigw.dispatch.BackendUnavailableError`. ``check_finite``: raise
+    ``ValueError`` when a row has no finite result (NaN/inf inputs, every candidate overflowing float32); costs one
+    host sync. With False such rows come back with non-finite objectives and logits.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     experts = validate_inputs(large_logits, small_logits, expert_logits)
     candidates = candidate_alphas(experts.shape[1], grid, mode, device=large_logits.device)
-    reason = triton_unavailable_reason(large_logits.device)
-    if backend == "triton" and reason is not None:
-        raise BackendUnavailableError(f"backend 'triton' cannot run dlf_search: {reason}")
-    if backend == "triton" or (backend == "auto" and reason is None):
-        from .triton_search import apply_triton, search_triton
-
-        objective, kl_f, kl_r, tgt_f, tgt_r, bad = search_triton(large_logits, small_logits, experts, candidates)
-        if check_finite:
-            raise_if_nonfinite(bad)
-        candidate, alpha, expert = select(objective, candidates, mode)
-        logits = apply_triton(large_logits, small_logits, experts, alpha)
-    else:
-        if check_finite:
-            raise_if_nonfinite(nonfinite_rows(large_logits, small_logits, experts))
-        objective, kl_f, kl_r, tgt_f, tgt_r, delta = _search_torch(large_logits, small_logits, experts, candidates)
-        candidate, alpha, expert = select(objective, candidates, mode)
-        logits = large_logits.float() + torch.bmm(alpha.unsqueeze(1), delta).squeeze(1)
-    return DLFResult(logits, alpha, expert, candidate, objective, kl_f, kl_r, tgt_f, tgt_r, candidates)
+    _, implementation = dispatch.resolve("dlf_search", backend, large_logits.device)
+    result = finish(implementation(large_logits, small_logits, experts, candidates), candidates, mode)
+    if check_finite:
+        raise_if_failed(result, large_logits, small_logits, experts)
+    return result

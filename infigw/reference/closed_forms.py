@@ -1,6 +1,6 @@
 """Stages 3-4 of GLD: sort/compress the degrees, then the closed-form distances between sorted lists.
 
-Honesty notes (GLD.md section 4):
+Honesty notes (docs/math.md §4):
 - ``sorted_gw1d`` is min(identity, anti-identity) of the 1-D GW problem with squared-distance costs. It is the
   cost of a feasible matching, hence an *upper bound* on 1-D GW; it is exact for n <= 6 but not in general
   (Beinert, Heiss and Steidl give counterexamples for n > 6).
@@ -41,7 +41,7 @@ def sorted_l1(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _cross(a, b, n):
-    """sum_{i,j} (a_i - a_j)^2 (b_i - b_j)^2 for paired points a_i, b_i, from power sums (GLD.md section 4)."""
+    """sum_{i,j} (a_i - a_j)^2 (b_i - b_j)^2 for paired points a_i, b_i, from power sums (docs/math.md §4)."""
     a2, b2 = a * a, b * b
     sa1, sa2, sb1, sb2 = a.sum(-1), a2.sum(-1), b.sum(-1), b2.sum(-1)
     return 2 * sa2 * sb2 + 2 * (n * (a2 * b2).sum(-1) - 2 * sb1 * (a2 * b).sum(-1)

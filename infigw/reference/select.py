@@ -1,6 +1,6 @@
 """Stage 1 of GLD: keep the top-k entries of each row and turn them into node values a_p.
 
-Contract (GLD.md section 2): the kept set of a row is its k largest entries; among equal values the smaller
+Contract (docs/math.md §2): the kept set of a row is its k largest entries; among equal values the smaller
 vocabulary id wins; the kept entries are returned in *rank order* (value descending, then id ascending).
 NaN ranks above every number (as in ``torch.topk``/``torch.sort``), so a NaN in a row is always kept.
 """

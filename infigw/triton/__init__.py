@@ -12,7 +12,8 @@ try:
 except ImportError as exc:  # the backend is optional
     dispatch.mark_unavailable("triton", f"triton is not importable: {exc}")
 else:
-    from . import closed_forms, topk_degrees
+    from . import closed_forms, dlf_search, topk_degrees
 
     dispatch.register("triton", "topk_degrees", topk_degrees.topk_degrees, max_k=topk_degrees.MAX_K)
     dispatch.register("triton", "sorted_gw1d", closed_forms.sorted_gw1d)
+    dispatch.register("triton", "dlf_search", dlf_search.dlf_search)

@@ -64,7 +64,7 @@ def _gw_sums(x_row, y_row, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gw_costs(n, x1, x2, x3, x4, y1, y2, y3, y4, xy, x2y2, x2y, xy2, xr, x2r2, x2r, xr2):
-    """cost(identity), cost(anti-identity) = S4(x) + S4(y) - 2 X(x, y) (GLD.md section 4)."""
+    """cost(identity), cost(anti-identity) = S4(x) + S4(y) - 2 X(x, y) (docs/math.md §4)."""
     quartic = 2 * n * x4 - 8 * x3 * x1 + 6 * x2 * x2 + 2 * n * y4 - 8 * y3 * y1 + 6 * y2 * y2
     identity = quartic - 2 * (2 * x2 * y2 + 2 * (n * x2y2 - 2 * y1 * x2y - 2 * x1 * xy2 + 2 * xy * xy))
     anti = quartic - 2 * (2 * x2 * y2 + 2 * (n * x2r2 - 2 * y1 * x2r - 2 * x1 * xr2 + 2 * xr * xr))

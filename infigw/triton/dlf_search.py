@@ -1,10 +1,11 @@
-"""Triton kernels of the fused DLF search (math in :mod:`infigw.dlf.search`).
+"""Triton kernels of the fused DLF search: the ``triton`` backend of the ``dlf_search`` op (math in
+:mod:`infigw.dlf.search`, checks and result type in :mod:`infigw.dlf.common`).
 
 Three launches per call:
   1. ``_partial_kernel``  grid (B, splits, candidate blocks): reads one vocabulary range of L, S and every S_t
      once, in tiles, and keeps fp32 online accumulators (max, Σe^{x−max}, Σe^{x−max}·d) for every candidate of
-     its block and for P, Q, Q_t; also flags non-finite inputs. The vocabulary is split across programs so
-     small batches (decoding) still fill the GPU.
+     its block and for P, Q, Q_t. -inf entries of L (masked tokens) add nothing. The vocabulary is split across
+     programs so small batches (decoding) still fill the GPU.
   2. ``_combine_kernel``  grid (B, candidate blocks): merges the splits, applies the KL identities, writes the
      objective, both KLs and the targets.
   3. ``_apply_kernel``    grid (B, vocabulary blocks): fused logits ``L + Σ_t alpha_t Δ_t`` of the chosen
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..dlf.common import FusedSearch, best_candidate
 
 # Candidates handled by one program (the default single-expert search has C = 21·T ≤ 128 for T ≤ 6).
 MAX_CANDIDATE_BLOCK = 128
@@ -34,10 +37,22 @@ INTERPRET_SPLITS = 3
 
 
 @triton.jit
+def _online_tile(m, s, w, x, weights):
+    """Add one vocabulary tile to online softmax accumulators, row-wise: running max ``m`` (R,), ``s`` = Σe^{x−m}
+    (R,) and ``w`` (W,) = Σ e^{x−m}·weights, for x (R, BLOCK_V) and weights (W, BLOCK_V), W = R or R = 1. A row
+    that has seen only -inf (masked tokens) is shifted by 0, not -inf, so its entries give exp(-inf) = 0, not NaN."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - shift)
+    e = tl.exp(x - shift[:, None])
+    return m_new, s * scale + tl.sum(e, axis=1), w * scale + tl.sum(e * weights, axis=1)
+
+
+@triton.jit
 def _partial_kernel(
     L, S, E, A,
     stride_l, stride_s, stride_eb, stride_et,
-    cand_part, p_part, q_part, qt_part, bad_part,
+    cand_part, p_part, q_part, qt_part,
     V, C, n_split,
     T: tl.constexpr, T_PAD: tl.constexpr, C_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, TILES: tl.constexpr,
 ):
@@ -50,7 +65,7 @@ def _partial_kernel(
     c_mask = c_ids < C
     t_ids = tl.arange(0, T_PAD)
     t_mask = t_ids < T
-    v_begin = split * (TILES * BLOCK_V)  # < V: every split starts with a valid lane, so running maxima are finite
+    v_begin = split * (TILES * BLOCK_V)  # < V: no split is empty
     l_row = L + row.to(tl.int64) * stride_l
     s_row = S + row.to(tl.int64) * stride_s
     e_row = E + row.to(tl.int64) * stride_eb
@@ -60,20 +75,17 @@ def _partial_kernel(
     cm = tl.full([C_BLOCK], neg_inf, tl.float32)
     cs = tl.zeros([C_BLOCK], tl.float32)
     cw = tl.zeros([C_BLOCK], tl.float32)
-    # P = softmax(L) and Q = softmax(S): shared max and sum, weighted sums of every Δ_t
-    pm = neg_inf
-    ps = 0.0
+    # P = softmax(L) and Q = softmax(S): one row each (shared max and sum), weighted sums of every Δ_t
+    pm = tl.full([1], neg_inf, tl.float32)
+    ps = tl.zeros([1], tl.float32)
     pw = tl.zeros([T_PAD], tl.float32)
-    qm = neg_inf
-    qs = 0.0
+    qm = tl.full([1], neg_inf, tl.float32)
+    qs = tl.zeros([1], tl.float32)
     qw = tl.zeros([T_PAD], tl.float32)
     # Q_t = softmax(S_t): one accumulator per expert (padded experts start at max 0 so they stay NaN-free)
     tm = tl.where(t_mask, neg_inf, 0.0)
     ts = tl.zeros([T_PAD], tl.float32)
     tw = tl.zeros([T_PAD], tl.float32)
-    bad_l = 0
-    bad_s = 0
-    bad_e = 0
 
     for tile in range(TILES):
         offs = v_begin + tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -82,35 +94,14 @@ def _partial_kernel(
         l = tl.load(l_row + offs, mask=v_mask, other=0.0).to(tl.float32)
         s = tl.load(s_row + offs, mask=v_mask, other=0.0).to(tl.float32)
         e = tl.load(e_row + t_ids[:, None] * stride_et + offs[None, :], mask=tv_mask, other=0.0).to(tl.float32)
-        # NaN fails every comparison, so ~(|x| < inf) flags NaN and ±inf (masked lanes hold 0)
-        bad_l = tl.maximum(bad_l, tl.max((~(tl.abs(l) < float("inf"))).to(tl.int32), axis=0))
-        bad_s = tl.maximum(bad_s, tl.max((~(tl.abs(s) < float("inf"))).to(tl.int32), axis=0))
-        bad_e = tl.maximum(bad_e, tl.max(tl.max((~(tl.abs(e) < float("inf"))).to(tl.int32), axis=1), axis=0))
         delta = e - s[None, :]  # (T_PAD, BLOCK_V), 0 on masked lanes
         l_m = tl.where(v_mask, l, neg_inf)
         s_m = tl.where(v_mask, s, neg_inf)
         e_m = tl.where(tv_mask, e, neg_inf)
 
-        pm_new = tl.maximum(pm, tl.max(l_m, axis=0))
-        p_scale = tl.exp(pm - pm_new)
-        p_exp = tl.exp(l_m - pm_new)
-        ps = ps * p_scale + tl.sum(p_exp, axis=0)
-        pw = pw * p_scale + tl.sum(p_exp[None, :] * delta, axis=1)
-        pm = pm_new
-
-        qm_new = tl.maximum(qm, tl.max(s_m, axis=0))
-        q_scale = tl.exp(qm - qm_new)
-        q_exp = tl.exp(s_m - qm_new)
-        qs = qs * q_scale + tl.sum(q_exp, axis=0)
-        qw = qw * q_scale + tl.sum(q_exp[None, :] * delta, axis=1)
-        qm = qm_new
-
-        tm_new = tl.maximum(tm, tl.max(e_m, axis=1))
-        t_scale = tl.exp(tm - tm_new)
-        t_exp = tl.exp(e_m - tm_new[:, None])
-        ts = ts * t_scale + tl.sum(t_exp, axis=1)
-        tw = tw * t_scale + tl.sum(t_exp * delta, axis=1)
-        tm = tm_new
+        pm, ps, pw = _online_tile(pm, ps, pw, l_m[None, :], delta)
+        qm, qs, qw = _online_tile(qm, qs, qw, s_m[None, :], delta)
+        tm, ts, tw = _online_tile(tm, ts, tw, e_m, delta)
 
         # D_c = Σ_t a_c[t] Δ_t, one expert row at a time (re-read from L1, not extracted from `delta`)
         d = tl.zeros([C_BLOCK, BLOCK_V], tl.float32)
@@ -118,13 +109,7 @@ def _partial_kernel(
             a_t = tl.load(A + c_ids * T + t, mask=c_mask, other=0.0)
             e_t = tl.load(e_row + t * stride_et + offs, mask=v_mask, other=0.0).to(tl.float32)
             d += a_t[:, None] * (e_t - s)[None, :]
-        x = l_m[None, :] + d
-        cm_new = tl.maximum(cm, tl.max(x, axis=1))
-        c_scale = tl.exp(cm - cm_new)
-        c_exp = tl.exp(x - cm_new[:, None])
-        cs = cs * c_scale + tl.sum(c_exp, axis=1)
-        cw = cw * c_scale + tl.sum(c_exp * d, axis=1)
-        cm = cm_new
+        cm, cs, cw = _online_tile(cm, cs, cw, l_m[None, :] + d, d)
 
     part = row.to(tl.int64) * n_split + split
     c_out = cand_part + part * 3 * C + c_ids
@@ -133,20 +118,17 @@ def _partial_kernel(
     tl.store(c_out + 2 * C, cw, mask=c_mask)
     first = cblk == 0  # row statistics: written once per (row, split)
     pq_out = part * (2 + T)
-    tl.store(p_part + pq_out, pm, mask=first)
-    tl.store(p_part + pq_out + 1, ps, mask=first)
+    one = tl.arange(0, 1)
+    tl.store(p_part + pq_out + one, pm, mask=first)
+    tl.store(p_part + pq_out + 1 + one, ps, mask=first)
     tl.store(p_part + pq_out + 2 + t_ids, pw, mask=t_mask & first)
-    tl.store(q_part + pq_out, qm, mask=first)
-    tl.store(q_part + pq_out + 1, qs, mask=first)
+    tl.store(q_part + pq_out + one, qm, mask=first)
+    tl.store(q_part + pq_out + 1 + one, qs, mask=first)
     tl.store(q_part + pq_out + 2 + t_ids, qw, mask=t_mask & first)
     qt_out = qt_part + part * 3 * T + t_ids
     tl.store(qt_out, tm, mask=t_mask & first)
     tl.store(qt_out + T, ts, mask=t_mask & first)
     tl.store(qt_out + 2 * T, tw, mask=t_mask & first)
-    b_out = bad_part + part * 3
-    tl.store(b_out, bad_l, mask=first)
-    tl.store(b_out + 1, bad_s, mask=first)
-    tl.store(b_out + 2, bad_e, mask=first)
 
 
 @triton.jit
@@ -266,8 +248,8 @@ def _num_splits(batch: int, num_cblocks: int, vocab: int, block_v: int, device: 
     return max(1, min(wanted, MAX_SPLITS, tiles))
 
 
-def search_triton(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor, num_splits=None):
-    """Objective, KLs and targets of every candidate, plus (B, 3) non-finite flags. Inputs already validated.
+def candidate_stats(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor, num_splits=None):
+    """Objective, KLs and targets of every candidate. Inputs already validated.
 
     num_splits: vocabulary splits per row (default: enough programs for the device); tests vary it.
     """
@@ -289,11 +271,10 @@ def search_triton(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates:
     p_part = torch.empty(batch, n_split, 2 + num_t, device=dev, dtype=torch.float32)
     q_part = torch.empty_like(p_part)
     qt_part = torch.empty(batch, n_split, 3, num_t, device=dev, dtype=torch.float32)
-    bad_part = torch.empty(batch, n_split, 3, device=dev, dtype=torch.int32)
     _partial_kernel[(batch, n_split, num_cblocks)](
         L, S, E, a,
         L.stride(0), S.stride(0), E.stride(0), E.stride(1),
-        cand_part, p_part, q_part, qt_part, bad_part,
+        cand_part, p_part, q_part, qt_part,
         vocab, num_c, n_split,
         T=num_t, T_PAD=t_pad, C_BLOCK=c_block, BLOCK_V=block_v, TILES=tiles,
         num_warps=PARTIAL_NUM_WARPS,
@@ -310,11 +291,10 @@ def search_triton(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates:
         T=num_t, T_PAD=t_pad, C_BLOCK=c_block, S_PAD=triton.next_power_of_2(n_split),
         num_warps=COMBINE_NUM_WARPS,
     )
-    bad = bad_part.amax(dim=1) > 0
-    return objective, kl_forward, kl_reverse, target_forward, target_reverse, bad
+    return objective, kl_forward, kl_reverse, target_forward, target_reverse
 
 
-def apply_triton(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def fused_logits(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """(B, V) fp32 fused logits ``L + Σ_t alpha[:, t] (E[:, t] − S)``."""
     L, S, E = _last_dim_contiguous(L), _last_dim_contiguous(S), _last_dim_contiguous(E)
     batch, vocab = L.shape
@@ -327,3 +307,11 @@ def apply_triton(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, alpha: torch
         T=num_t, T_PAD=triton.next_power_of_2(num_t), BLOCK_V=APPLY_BLOCK_V,
     )
     return out
+
+
+def dlf_search(L: torch.Tensor, S: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor) -> FusedSearch:
+    """The ``triton`` backend of ``dlf_search``; inputs already validated (see :func:`infigw.dlf.dlf_search`)."""
+    objective, kl_forward, kl_reverse, target_forward, target_reverse = candidate_stats(L, S, E, candidates)
+    candidate = best_candidate(objective)
+    logits = fused_logits(L, S, E, candidates.index_select(0, candidate))
+    return FusedSearch(objective, kl_forward, kl_reverse, target_forward, target_reverse, candidate, logits)

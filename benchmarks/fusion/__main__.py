@@ -29,6 +29,9 @@ def parse_args(argv=None):
                         help="torch threads (default 1: tiny models run fastest single-threaded on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--render", metavar="DIR", default=None, help="re-render a finished run's table and plots")
+    parser.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                        help="with --render: first gather the runs of these finished runs (e.g. arms run in "
+                             "parallel processes) into DIR")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2 (confidence intervals need two runs)")
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
     from . import report
 
     if args.render:
+        if args.combine:
+            report.combine([Path(d) for d in args.combine], Path(args.render))
         print(report.render(Path(args.render)))
         return 0
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -70,14 +75,9 @@ def main(argv=None) -> int:
     setup_seconds = time.perf_counter() - started
     runs = []
     bar = tqdm(total=len(arms) * args.seeds, desc="students", disable=args.no_progress)
-    for arm in arms:
-        for seed in range(args.seeds):
-            result = grid.run_student(arm, seed, assets)
-            runs.append(dataclasses.asdict(result))
-            bar.set_postfix_str(f"{arm.name} seed {seed}: {result.bpc:.3f} bits/char")
-            bar.update(1)
-    bar.close()
-    meta = {"command": "python -m benchmarks.fusion " + shlex.join(sys.argv[1:] if argv is None else argv),
+    def meta():
+        return {
+            "command": "python -m benchmarks.fusion " + shlex.join(sys.argv[1:] if argv is None else argv),
             "mode": "quick" if args.quick else "full", "scale": dataclasses.asdict(scale),
             "teacher_bpc": assets.teacher_bpc, "setup_seconds": setup_seconds,
             "total_seconds": time.perf_counter() - started, "commit": _commit(),
@@ -85,9 +85,15 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, {args.threads} threads, "
                        f"torch {torch.__version__}",
             "metric_gld": grid.METRIC_GLD, "arms": [dataclasses.asdict(a) for a in arms]}
-    tmp = out / "runs.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    tmp.replace(out / "runs.json")
+
+    for arm in arms:
+        for seed in range(args.seeds):
+            result = grid.run_student(arm, seed, assets)
+            runs.append(dataclasses.asdict(result))
+            report.save(out, meta(), runs)  # after every run: a stopped grid keeps what it finished
+            bar.set_postfix_str(f"{arm.name} seed {seed}: {result.bpc:.3f} bits/char")
+            bar.update(1)
+    bar.close()
     print(report.render(out))
     return 0
 

@@ -42,26 +42,22 @@ BASELINES = [
     Arm("CE+ULD", "baseline", dict(gamma=0.0)),
     Arm("CE+ULD top-10", "uld", dict(gamma=0.0, uld_top_k=10)),
 ]
-VALUES = [
+VALUES = [_gld("values x nodes", "GLD logits/vocab", values="logits", nodes="vocab")] + [
     _gld("values x nodes", f"GLD {values}/{nodes}", values=values, nodes=nodes)
-    for values in ("logits", "probs", "topk_probs") for nodes in ("vocab", "rank")
+    for values in ("probs", "topk_probs") for nodes in ("vocab", "rank")
 ]
-NORMS = [
-    _gld("graph_norm", f"GLD probs/vocab/{norm}", values="probs", graph_norm=norm) for norm in ("sum", "cosine")
-] + [_gld("graph_norm", "GLD logits/vocab/cosine", values="logits", graph_norm="cosine")]
+NORMS = [_gld("graph_norm", "GLD probs/vocab/cosine", values="probs", graph_norm="cosine"),
+         _gld("graph_norm", "GLD logits/vocab/cosine", values="logits", graph_norm="cosine")]
 NUM_NODES = [_gld("num_nodes", "GLD probs/vocab k nodes", values="probs", num_nodes=10)]
 GAMMAS = [_gld("gamma", f"GLD topk_probs/rank gamma={g}", values="topk_probs", nodes="rank", gamma=g)
-          for g in (0.1, 0.3, 3.0)]
-LAMBDAS = [Arm("CE+ULD lam=0.25", "lambda", dict(gamma=0.0, lam=0.25)),
-           _gld("lambda", "GLD topk_probs/rank lam=0.25", values="topk_probs", nodes="rank", lam=0.25)]
+          for g in (0.1, 0.3)]
 PAPER = [_gld("paper", "paper (logits/rank/sum, ULD top-10)", values="logits", nodes="rank", graph_norm="sum",
               uld_top_k=10)]
-WEIGHTS = [Arm("CE+ULD uncertainty", "teacher weights", dict(gamma=0.0, teacher_weights="uncertainty")),
-           _gld("teacher weights", "GLD topk_probs/rank uncertainty", values="topk_probs", nodes="rank",
+WEIGHTS = [_gld("teacher weights", "GLD topk_probs/rank uncertainty", values="topk_probs", nodes="rank",
                 teacher_weights="uncertainty")]
 
-FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + LAMBDAS + PAPER + WEIGHTS
-QUICK_ARMS = BASELINES[:2] + [VALUES[0], VALUES[5]] + PAPER
+FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + PAPER + WEIGHTS
+QUICK_ARMS = BASELINES[:2] + [VALUES[0], VALUES[4]] + PAPER
 
 
 @dataclass

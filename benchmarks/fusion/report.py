@@ -136,6 +136,27 @@ def plots(runs, out: Path) -> List[str]:
     return files
 
 
+def save(out: Path, meta: dict, runs: List[dict]) -> None:
+    """Write runs.json atomically."""
+    tmp = out / "runs.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    tmp.replace(out / "runs.json")
+
+
+def combine(parts: List[Path], out: Path) -> None:
+    """Gather the runs of several finished runs (same scale) into ``out``/runs.json."""
+    loaded = [json.loads((part / "runs.json").read_text()) for part in parts]
+    meta = dict(loaded[0]["meta"])
+    if any(data["meta"]["scale"] != meta["scale"] for data in loaded):
+        raise ValueError("the runs to combine were made at different scales")
+    meta["arms"] = [arm for data in loaded for arm in data["meta"]["arms"]]
+    meta["command"] = " ; ".join(data["meta"]["command"] for data in loaded)
+    meta["total_seconds"] = max(data["meta"]["total_seconds"] for data in loaded)
+    meta["note"] = f"{len(parts)} processes in parallel"
+    out.mkdir(parents=True, exist_ok=True)
+    save(out, meta, [run for data in loaded for run in data["runs"]])
+
+
 def render(out: Path) -> str:
     data = json.loads((out / "runs.json").read_text())
     meta, runs = data["meta"], data["runs"]

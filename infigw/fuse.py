@@ -19,9 +19,9 @@ Configuration (every key but ``student``, ``teachers``, ``data.train`` and ``out
 
 Strategies (InfiFusion): ``unified`` distils every teacher at once with their weights (``weight`` of each
 teacher, or ``objective.teacher_weights``); ``pairwise`` distils each teacher into its own copy of the pivot
-(``output/pairwise/<name>``; the teachers' weights do not apply) and merges the copies with :func:`infigw.merge.merge_safetensors` into
-``output/model``. Writes ``output/model`` (``save_pretrained`` + tokenizer), ``output/report.md``,
-``output/loss_components.png`` and ``output/log_history.json``. Nothing is left half-written: the model folder
+(``output/pairwise/<name>``; the teachers' weights do not apply) and merges the copies with
+:func:`infigw.merge.merge_safetensors` into ``output/model``. Writes ``output/model`` (``save_pretrained`` +
+tokenizer), ``output/report.md``, ``output/loss_components.png`` and ``output/log_history.json``. Nothing is left half-written: the model folder
 is written beside its final name and renamed at the end.
 """
 import argparse

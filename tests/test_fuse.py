@@ -20,7 +20,8 @@ TEXTS = ["the cat sees a dog .", "3 + 4 = 7. 1 + 1 = 2.", "a blick is green and 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    for name, kind, size, seed in (("pivot", "unigram", 100, 0), ("math", "bpe", 280, 1), ("lore", "wordpiece", 150, 2)):
+    for name, kind, size, seed in (("pivot", "unigram", 100, 0), ("math", "bpe", 280, 1),
+                                   ("lore", "wordpiece", 150, 2)):
         tokenizer = train_tokenizer(kind, TEXTS * 3, size)
         tiny_llama(len(tokenizer), seed=seed).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

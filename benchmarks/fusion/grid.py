@@ -126,7 +126,8 @@ def run_student(arm: Arm, seed: int, assets: Assets, lr: float = 3e-3, log_every
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append({**terms.logs, "loss": float(terms.loss.detach()), "grad_norm": float(grad_norm)})
+        window.append({**{k: float(v) for k, v in terms.logs.items()}, "loss": float(terms.loss.detach()),
+                       "grad_norm": float(grad_norm)})
         if (step + 1) % log_every == 0:
             history.append({"step": step + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}})
             window = []

@@ -36,9 +36,9 @@ def count_items(batch: dict) -> torch.Tensor:
 
 
 class StepTerms(NamedTuple):
-    """A micro-batch's loss (already divided by the global counts) and what to log about it."""
+    """A micro-batch's loss (already divided by the global counts) and what to log about it (0-dim tensors)."""
     loss: torch.Tensor
-    logs: Dict[str, float]
+    logs: Dict[str, torch.Tensor]
 
 
 class FusionObjective:
@@ -81,8 +81,7 @@ class FusionObjective:
         ce_sum = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
         loss = (1 - self.lam) * ce_sum / tokens.to(ce_sum.dtype)
-        local_tokens = max(int((targets != IGNORE_INDEX).sum()), 1)
-        logs = {"ce": float(ce_sum.detach()) / local_tokens}
+        logs = {"ce": ce_sum.detach() / (targets != IGNORE_INDEX).sum().clamp_min(1)}
         if self.lam != 0 and teachers:
             teachers = [TeacherOutput(*teacher) for teacher in teachers]
             self._check_teachers(teachers, logits.shape[0])
@@ -99,16 +98,15 @@ class FusionObjective:
     def _check_teachers(teachers, sequences: int) -> None:
         for i, teacher in enumerate(teachers):
             if teacher.logits.shape[0] != sequences:
-                raise ValueError(f"teacher {i} has {teacher.logits.shape[0]} sequences but the student batch has {sequences} "
-                                 "(packed rows are split into sequences: give the teachers one row per sequence)")
+                raise ValueError(f"teacher {i} has {teacher.logits.shape[0]} sequences but the student batch has "
+                                 f"{sequences} (packed rows are split into sequences: give the teachers one row per sequence)")
 
-    def _component_logs(self, parts: dict) -> Dict[str, float]:
+    def _component_logs(self, parts: dict) -> Dict[str, torch.Tensor]:
+        """Per teacher, the mean ULD, GLD and weight over the sequences it is present in (device tensors: no host
+        sync per step; the trainer reads them when it logs)."""
         included = parts["included"]
         names = self.teacher_names or [f"teacher{i}" for i in range(included.shape[0])]
-        logs = {}
-        for i, name in enumerate(names):
-            present = included[i]
-            count = max(int(present.sum()), 1)
-            for key in ("uld", "gld", "weights"):
-                logs[f"{key}/{name}"] = float(torch.where(present, parts[key][i], 0).sum()) / count
-        return logs
+        count = included.sum(-1).clamp_min(1)
+        return {f"{key}/{name}": (torch.where(included[i], parts[key][i], 0).sum() / count[i]).detach()
+                for key in ("uld", "gld", "weights")
+                for i, name in enumerate(names)}

@@ -62,7 +62,7 @@ class FusionMixin:
         self.objective = FusionObjective(objective, [t.name for t in teachers])
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's global counts itself
         self.model_accepts_loss_kwargs = True  # ... so the Trainer must not rescale it (older transformers)
-        self._component_sums = defaultdict(float)
+        self._component_sums = defaultdict(float)  # device tensors once added to: read when logging
         self._component_steps = 0
         self._warned_decoding = False
         for teacher in teachers:
@@ -141,7 +141,8 @@ class FusionMixin:
 
     def log(self, logs, *args, **kwargs):
         if self._component_steps and "loss" in logs:
-            logs = {**logs, **{key: value / self._component_steps for key, value in self._component_sums.items()}}
+            averages = {key: float(value) / self._component_steps for key, value in self._component_sums.items()}
+            logs = {**logs, **averages}
             self._component_sums.clear()
             self._component_steps = 0
         return super().log(logs, *args, **kwargs)

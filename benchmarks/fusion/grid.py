@@ -50,13 +50,16 @@ NORMS = [_gld("graph_norm", "GLD probs/vocab/cosine", values="probs", graph_norm
          _gld("graph_norm", "GLD logits/vocab/cosine", values="logits", graph_norm="cosine")]
 NUM_NODES = [_gld("num_nodes", "GLD probs/vocab k nodes", values="probs", num_nodes=10)]
 GAMMAS = [_gld("gamma", f"GLD topk_probs/rank gamma={g}", values="topk_probs", nodes="rank", gamma=g)
-          for g in (0.1, 0.3)]
+          for g in (0.1, 0.3, 3.0)]
+LAMBDAS = [Arm("CE+ULD lam=0.25", "lambda", dict(gamma=0.0, lam=0.25)),
+           _gld("lambda", "GLD topk_probs/rank lam=0.25", values="topk_probs", nodes="rank", lam=0.25)]
 PAPER = [_gld("paper", "paper (logits/rank/sum, ULD top-10)", values="logits", nodes="rank", graph_norm="sum",
               uld_top_k=10)]
-WEIGHTS = [_gld("teacher weights", "GLD topk_probs/rank uncertainty", values="topk_probs", nodes="rank",
+WEIGHTS = [Arm("CE+ULD uncertainty", "teacher weights", dict(gamma=0.0, teacher_weights="uncertainty")),
+           _gld("teacher weights", "GLD topk_probs/rank uncertainty", values="topk_probs", nodes="rank",
                 teacher_weights="uncertainty")]
 
-FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + PAPER + WEIGHTS
+FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + LAMBDAS + PAPER + WEIGHTS
 QUICK_ARMS = BASELINES[:2] + [VALUES[0], VALUES[4]] + PAPER
 
 

@@ -92,8 +92,13 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
             g, g_counts = reference.sorted_degrees(result.degrees, result.touched, num_nodes)
         width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
         f_pad, g_pad = reference.pad_to(f, width).to(dtype), reference.pad_to(g, width).to(dtype)
-        term = reference.sorted_l1(f_pad, g_pad) if gw1d is None else gw1d(f_pad, g_pad,
-                                                                           torch.maximum(f_counts, g_counts))
+        common = torch.maximum(f_counts, g_counts)  # n of the pair: the longer list after truncation
+        if gw1d is not None:
+            term = gw1d(f_pad, g_pad, common)
+        else:
+            term = reference.sorted_l1(f_pad, g_pad)
+            if distance == "mean_l1":
+                term = term / common.clamp_min(1).to(term.dtype)
         both = student_present & _has_rows(teacher_rows, num_graphs)
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
@@ -218,9 +223,9 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
 
 # ----------------------------------------------------------------------------------------------- losses
 def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
-             teacher_chars=None, ignore_index: int = -100, k: int = 10, values: str = "logits", nodes: str = "vocab",
-             graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
-             distance: str = "l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
+             teacher_chars=None, ignore_index: int = -100, k: int = 10, values: str = "topk_probs",
+             nodes: str = "rank", graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
+             distance: str = "mean_l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_granularity: str = "sequence", deterministic: bool = False,
              backend: str = "auto", return_components: bool = False):
     """Graph-on-Logits Distillation loss (InfiGFusion) between a student and one or several teachers.
@@ -234,7 +239,11 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
             "topk_probs" (ours). nodes: "vocab" (node = token id) | "rank" (node = rank slot, a k x k graph).
         graph_norm: "mean" (ours) | "sum" | "cosine" (ours). scope: "sequence" | "batch" (one graph).
         num_nodes: keep the largest m degrees of each graph (None = all touched nodes).
-        distance: "l1" (the paper's sorted-degree distance) or "gw1d" (1-D GW closed form).
+        distance: "mean_l1" (ours: the sorted-degree L1 divided by the pair's node count n, so that its scale
+            does not grow with the graph) | "l1" (the paper's sorted-degree distance) | "gw1d" (1-D GW closed form).
+        Defaults (ours, chosen by the fusion experiment, benchmarks/RESULTS.md): values="topk_probs",
+            nodes="rank", graph_norm="mean", distance="mean_l1": bounded and scale-free; ``preset="paper"`` on
+            the modules gives the paper-literal reading.
         teacher_weights: None (uniform), S fixed weights >= 0, or uncertainty weights (ours, see
             :mod:`infigw.weighting`): "uncertainty" (entropy of the teacher's top-k distribution) or "nll" (NLL
             of its gold next tokens: needs teacher_labels, or the student's labels for a teacher sharing its
@@ -305,8 +314,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None,
                      teacher_chars=None, ignore_index: int = -100, lam: float = 0.5, gamma: float = 1.0, k: int = 10,
-                     values: str = "logits", nodes: str = "vocab", graph_norm: str = "mean",
-                     num_nodes: Optional[int] = None, distance: str = "l1", temperature: float = 1.0,
+                     values: str = "topk_probs", nodes: str = "rank", graph_norm: str = "mean",
+                     num_nodes: Optional[int] = None, distance: str = "mean_l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, record_tail: str = "zeros",
                      teacher_weights=None, weight_temperature: float = 1.0, weight_granularity: str = "sequence",
                      reduction: str = "mean", deterministic: bool = False, backend: str = "auto",

@@ -40,6 +40,7 @@ def _gld(group, name, **options):
 BASELINES = [
     Arm("CE", "baseline", dict(lam=0.0)),
     Arm("CE+ULD", "baseline", dict(gamma=0.0)),
+    Arm("defaults: InfiGFusionLoss()", "defaults", {}),
     Arm("CE+ULD top-10", "uld", dict(gamma=0.0, uld_top_k=10)),
 ]
 VALUES = [_gld("values x nodes", "GLD logits/vocab", values="logits", nodes="vocab")] + [
@@ -60,7 +61,7 @@ WEIGHTS = [Arm("CE+ULD uncertainty", "teacher weights", dict(gamma=0.0, teacher_
                 teacher_weights="uncertainty")]
 
 FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + LAMBDAS + PAPER + WEIGHTS
-QUICK_ARMS = BASELINES[:2] + [VALUES[0], VALUES[4]] + PAPER
+QUICK_ARMS = BASELINES[:3] + [VALUES[0]] + PAPER
 
 
 @dataclass

@@ -7,6 +7,7 @@ and plots from a finished run's ``runs.json``.
 """
 import argparse
 import dataclasses
+import multiprocessing
 import datetime
 import json
 import os
@@ -15,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 
@@ -25,6 +27,8 @@ def parse_args(argv=None):
     parser.add_argument("--arms", nargs="*", default=None, help="only these arms (names as in the table)")
     parser.add_argument("--out", default=None, help="output directory (default benchmarks/out/fusion-<mode>)")
     parser.add_argument("--cache", default="benchmarks/out/cache", help="where trained teachers are cached")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="student runs in parallel processes (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: tiny models run fastest single-threaded on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
@@ -35,6 +39,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2 (confidence intervals need two runs)")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     return args
 
 
@@ -75,20 +81,26 @@ def main(argv=None) -> int:
     setup_seconds = time.perf_counter() - started
     runs = []
     bar = tqdm(total=len(arms) * args.seeds, desc="students", disable=args.no_progress)
+
     def meta():
         return {
             "command": "python -m benchmarks.fusion " + shlex.join(sys.argv[1:] if argv is None else argv),
             "mode": "quick" if args.quick else "full", "scale": dataclasses.asdict(scale),
             "teacher_bpc": assets.teacher_bpc, "setup_seconds": setup_seconds,
-            "total_seconds": time.perf_counter() - started, "commit": _commit(),
+            "total_seconds": time.perf_counter() - started, "commit": _commit(), "jobs": args.jobs,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, {args.threads} threads, "
-                       f"torch {torch.__version__}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, {args.jobs} processes x "
+                       f"{args.threads} threads, torch {torch.__version__}",
             "metric_gld": grid.METRIC_GLD, "arms": [dataclasses.asdict(a) for a in arms]}
 
-    for arm in arms:
-        for seed in range(args.seeds):
-            result = grid.run_student(arm, seed, assets)
+    tasks = [(arm, seed) for arm in arms for seed in range(args.seeds)]
+    context = multiprocessing.get_context("spawn")  # workers load the cached assets themselves
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=grid.worker_setup,
+                             initargs=(scale, args.cache, args.threads)) as pool:
+        futures = {pool.submit(grid.worker_run, arm, seed): (arm, seed) for arm, seed in tasks}
+        for future in as_completed(futures):
+            arm, seed = futures[future]
+            result = future.result()
             runs.append(dataclasses.asdict(result))
             report.save(out, meta(), runs)  # after every run: a stopped grid keeps what it finished
             bar.set_postfix_str(f"{arm.name} seed {seed}: {result.bpc:.3f} bits/char")

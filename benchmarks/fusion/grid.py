@@ -23,7 +23,7 @@ from .assets import Assets, pad_outputs
 
 # The structural distance reported for every arm (whatever the arm trains with): GLD with scale-free node values
 # on k x k rank graphs, the mean over the held-out documents and the teachers.
-METRIC_GLD = dict(k=10, values="topk_probs", nodes="rank", graph_norm="mean")
+METRIC_GLD = dict(k=10, values="topk_probs", nodes="rank", graph_norm="mean", distance="l1")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class RunResult:
     bpc_by_domain: Dict[str, float]
     gld_distance: float  # METRIC_GLD to the teachers (mean over teachers and documents)
     uld_distance: float
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float  # CPU time of the run's process (what the run costs on a machine shared with others)
     history: List[Dict[str, float]]  # logged components during training
 
 
@@ -105,7 +106,7 @@ def _distances(model, assets: Assets) -> tuple:
 
 def run_student(arm: Arm, seed: int, assets: Assets, lr: float = 3e-3, log_every: int = 10) -> RunResult:
     """Train one student for ``arm`` from ``seed`` and evaluate it."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     scale = assets.scale
     model = tiny_llama(len(assets.student_tokenizer), hidden=scale.student_hidden, layers=scale.student_layers,
                        heads=4, seed=1000 + seed)
@@ -142,7 +143,8 @@ def run_student(arm: Arm, seed: int, assets: Assets, lr: float = 3e-3, log_every
     chars = {d: sum(len(t) for t in assets.eval_texts[d]) for d in corpus.DOMAINS}
     overall = sum(by_domain[d] * chars[d] for d in corpus.DOMAINS) / sum(chars.values())
     gld, uld = _distances(model, assets)
-    return RunResult(arm.name, arm.group, seed, overall, by_domain, gld, uld, time.perf_counter() - started, history)
+    return RunResult(arm.name, arm.group, seed, overall, by_domain, gld, uld, time.perf_counter() - started,
+                     time.process_time() - cpu_started, history)
 
 
 def arm_by_name(name: str, arms: Optional[List[Arm]] = None) -> Arm:
@@ -150,3 +152,21 @@ def arm_by_name(name: str, arms: Optional[List[Arm]] = None) -> Arm:
         if arm.name == name:
             return arm
     raise KeyError(name)
+
+
+# Parallel runs (python -m benchmarks.fusion --jobs N): each worker process loads the cached assets once.
+_WORKER_ASSETS: Optional[Assets] = None
+
+
+def worker_setup(scale, cache: str, threads: int) -> None:
+    global _WORKER_ASSETS
+    from pathlib import Path
+
+    from .assets import build
+
+    torch.set_num_threads(threads)
+    _WORKER_ASSETS = build(scale, Path(cache))
+
+
+def worker_run(arm: Arm, seed: int) -> RunResult:
+    return run_student(arm, seed, _WORKER_ASSETS)

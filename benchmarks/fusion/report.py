@@ -160,7 +160,10 @@ def combine(parts: List[Path], out: Path) -> None:
 def render(out: Path) -> str:
     data = json.loads((out / "runs.json").read_text())
     meta, runs = data["meta"], data["runs"]
-    arms_options = {a["name"]: a["options"] for a in meta["arms"]}
+    from .grid import FULL_ARMS
+
+    # the options as the grid names them now (older runs.json files may leave defaults implicit)
+    arms_options = {**{a["name"]: a["options"] for a in meta["arms"]}, **{a.name: a.options for a in FULL_ARMS}}
     from .corpus import DOMAINS
 
     files = plots(runs, out)

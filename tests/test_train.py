@@ -18,6 +18,10 @@ from infigw.train.toy import tiny_llama, train_tokenizer  # noqa: E402
 
 from .helpers import assert_close  # noqa: E402
 
+# The Trainer-level runs do not depend on the backend: tests/run.sh's second stage (extension disabled) skips them.
+once = pytest.mark.skipif(os.environ.get("INFIGW_DISABLE_EXTENSION") == "1",
+                          reason="backend-independent Trainer run: checked in the stage with the extension")
+
 TEXTS = [
     "the cat sees a dog . 3 + 4 = 7.",
     "a blick is green and lives in the sea. Q: where does a blick live? A: in the sea.",
@@ -211,6 +215,7 @@ _DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@once
 def test_two_process_gloo_ddp_equals_one_big_batch(tokenizers, teachers, tmp_path):
     """2 ranks x 2 sequences (gloo, CPU) give the update of 1 process x 4 sequences."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +233,7 @@ def test_two_process_gloo_ddp_equals_one_big_batch(tokenizers, teachers, tmp_pat
         assert_close(ddp[name], big[name], atol=1e-7, rtol=1e-4, name=name)
 
 
+@once
 @pytest.mark.parametrize("packing", [False, True])
 def test_trl_sft_trainer_with_its_own_pipeline(tokenizers, teachers, packing):
     """TRL's SFTTrainer tokenizes (and packs) itself: the teachers read each sequence decoded from the student's
@@ -255,6 +261,7 @@ def test_trl_sft_trainer_with_its_own_pipeline(tokenizers, teachers, packing):
     assert trainer.state.log_history[0]["gld/bpe"] > 0
 
 
+@once
 def test_the_first_example_of_docs_training_runs_as_written(tmp_path, monkeypatch):
     """docs/training.md's first code block, executed as it stands (in a scratch directory)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,31 +16,22 @@ import torch
 IGNORE_INDEX = -100
 
 
-def _texts(features, text_field: str) -> List[str]:
-    texts = []
+def _texts_and_starts(features, text_field: str):
+    """Each example's raw text and the character where learning starts: ``text_field`` (from its
+    ``response_start``, default 0), or ``prompt`` + ``completion`` (from the completion)."""
+    texts, starts = [], []
     for i, feature in enumerate(features):
-        if "prompt" in feature and "completion" in feature and text_field not in feature:
-            texts.append(str(feature["prompt"]) + str(feature["completion"]))
-        elif text_field in feature and isinstance(feature[text_field], str):
+        if isinstance(feature.get(text_field), str):
             texts.append(feature[text_field])
+            starts.append(int(feature.get("response_start", 0)))
+        elif "prompt" in feature and "completion" in feature:
+            texts.append(str(feature["prompt"]) + str(feature["completion"]))
+            starts.append(len(str(feature["prompt"])))
         else:
             raise ValueError(f"example {i} has no raw text: fusion needs a string column {text_field!r} (or "
                              f"'prompt' + 'completion'); its keys are {sorted(feature)}. With the Trainer, keep "
                              "remove_unused_columns=False or use infigw.train.FusionTrainer, which keeps the column")
-    return texts
-
-
-def _response_starts(features) -> List[int]:
-    """The character where learning starts in each example: after the prompt, or 0."""
-    starts = []
-    for feature in features:
-        if "response_start" in feature:
-            starts.append(int(feature["response_start"]))
-        elif "prompt" in feature and "completion" in feature:
-            starts.append(len(str(feature["prompt"])))
-        else:
-            starts.append(0)
-    return starts
+    return texts, starts
 
 
 def tokenize(tokenizer, texts: Sequence[str], response_starts: Sequence[int], max_length: Optional[int],
@@ -107,8 +98,7 @@ class FusionCollator:
     def __call__(self, features) -> dict:
         if not features:
             raise ValueError("FusionCollator got an empty list of examples")
-        texts = _texts(features, self.text_field)
-        starts = _response_starts(features)
+        texts, starts = _texts_and_starts(features, self.text_field)
         batch = tokenize(self.tokenizer, texts, starts, self.max_length, self.pad_to_multiple_of)
         if self.packing:
             batch = pack(batch)
@@ -129,11 +119,9 @@ def pack(batch: dict) -> dict:
     return packed
 
 
-def sequences_of(x: torch.Tensor, position_ids: Optional[torch.Tensor], fill=0) -> torch.Tensor:
-    """Shifted (B, T - 1, ...) values -> one row per sequence (S, L, ...) when rows are packed (``position_ids``
-    restarting at 0), else ``x`` itself. The split is the one of the unshifted (B, T) grid, so the sequences
-    are those of :func:`sequence_view` on ``position_ids``."""
-    view = sequence_view(position_ids, position_ids.shape, position_ids.device) if position_ids is not None else None
+def sequences_of(x: torch.Tensor, view: Optional["SequenceView"], fill=0) -> torch.Tensor:
+    """Shifted (B, T - 1, ...) values -> one row per sequence (S, L, ...) of ``view`` (:func:`sequence_view` of
+    the unshifted grid), or ``x`` itself when no row is packed (``view`` None)."""
     if view is None:
         return x
     padded = torch.cat([x, torch.full_like(x[:, :1], fill)], dim=1)  # position T - 1 predicts nothing
@@ -165,16 +153,17 @@ class SequenceView:
         return torch.where(inside, picked, torch.as_tensor(fill, dtype=picked.dtype, device=picked.device))
 
 
-def sequence_view(position_ids: Optional[torch.Tensor], shape, device) -> Optional[SequenceView]:
-    """Split packed rows at ``position_ids == 0`` (after column 0). Returns None when no row is packed (each row
-    is one sequence), so unpacked batches pay nothing. Syncs with the host once (the number of sequences)."""
+def sequence_view(position_ids: Optional[torch.Tensor]) -> Optional[SequenceView]:
+    """Split packed (B, T) rows at ``position_ids == 0`` (after column 0). Returns None when there are no
+    ``position_ids`` or no row is packed (each row is one sequence), so unpacked batches pay nothing. Syncs with
+    the host once (the number of sequences)."""
     if position_ids is None:
         return None
     starts = position_ids == 0
     starts[:, 0] = True
     if bool(starts.sum() == starts.shape[0]):
         return None
-    batch, length = shape
+    (batch, length), device = position_ids.shape, position_ids.device
     sequence = starts.long().cumsum(-1) - 1 + (torch.arange(batch, device=device) * length).unsqueeze(-1)
     flat = sequence.reshape(-1)
     ids, position = torch.unique(flat, return_inverse=True)

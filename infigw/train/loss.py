@@ -20,7 +20,7 @@ import torch.nn.functional as torch_F
 
 from .. import functional
 from ..losses import InfiGFusionLoss
-from .batch import IGNORE_INDEX, sequences_of, shifted_targets
+from .batch import IGNORE_INDEX, sequence_view, sequences_of, shifted_targets
 from .teachers import TeacherOutput
 
 # Options of infigfusion_loss this objective sets itself.
@@ -31,7 +31,7 @@ def count_items(batch: dict) -> torch.Tensor:
     """(2,) float64 [target tokens, sequences with a target] of one micro-batch (see the module docstring)."""
     position_ids = batch.get("position_ids")
     valid = shifted_targets(batch["labels"], position_ids) != IGNORE_INDEX
-    per_sequence = sequences_of(valid, position_ids, False)
+    per_sequence = sequences_of(valid, sequence_view(position_ids), False)
     return torch.stack([valid.sum(), per_sequence.any(-1).sum()]).double()
 
 
@@ -74,7 +74,8 @@ class FusionObjective:
         position_ids = batch.get("position_ids")
         logits = student_logits[:, :-1]
         targets = shifted_targets(batch["labels"], position_ids)
-        logits, targets = sequences_of(logits, position_ids), sequences_of(targets, position_ids, IGNORE_INDEX)
+        view = sequence_view(position_ids)
+        logits, targets = sequences_of(logits, view), sequences_of(targets, view, IGNORE_INDEX)
         if counts is None:
             counts = count_items(batch)
         tokens, sequences = counts[0].clamp_min(1), counts[1].clamp_min(1)

@@ -127,7 +127,7 @@ class FusionMixin:
             self._warned_decoding = True
         ids = inputs["input_ids"]
         position_ids = inputs.get("position_ids")
-        view = sequence_view(position_ids, ids.shape, ids.device) if position_ids is not None else None
+        view = sequence_view(position_ids)
         if view is None:
             mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
             sequences = [row[keep].tolist() for row, keep in zip(ids, mask)]

@@ -275,13 +275,15 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
              teacher_chars=None, ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
-             standardize: bool = False, record_tail: str = "zeros", reduction: str = "mean", teacher_weights=None,
-             weight_temperature: float = 1.0, weight_k: int = 10, weight_granularity: str = "sequence",
-             return_components: bool = False):
+             standardize: bool = False, record_tail: str = "zeros", pairing: str = "index", student_offsets=None,
+             teacher_offsets=None, reduction: str = "mean", teacher_weights=None, weight_temperature: float = 1.0,
+             weight_k: int = 10, weight_granularity: str = "sequence", return_components: bool = False):
     """Universal Logit Distillation: sorted-probability L1 between paired student/teacher positions.
 
-    The i-th valid student position of a sequence pairs with the i-th valid teacher position (up to the
-    shorter count). Full vocabulary by default: ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with
+    ``pairing="index"``: the i-th valid student position of a sequence pairs with the i-th valid teacher position
+    (up to the shorter count); ``"offsets"`` (ours, across tokenizers): the positions whose target tokens start at
+    the same character (``student_offsets`` (B, T, 2), ``teacher_offsets`` per teacher: the target tokens'
+    character spans, e.g. from :mod:`infigw.records`). Full vocabulary by default: ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with
     the smaller vocabulary zero-padded. ``top_k=m`` (InfiFusion v3 style; details ours): keep the top-m logits
     of each side, optionally z-score them over the m entries (``standardize=True``), softmax over the m.
     Per sequence the pairs are averaged; ``reduction`` then acts over sequences as in :func:`gld_loss`.
@@ -301,7 +303,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     inputs = resolve(student_logits, teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
                      teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index,
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
-                     weight_granularity=weight_granularity, weight_k=weight_k)
+                     weight_granularity=weight_granularity, weight_k=weight_k, pairing=pairing,
+                     student_offsets=student_offsets, teacher_offsets=teacher_offsets)
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
     per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
@@ -317,7 +320,7 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
                      values: str = "topk_probs", nodes: str = "rank", graph_norm: str = "mean",
                      num_nodes: Optional[int] = None, distance: str = "mean_l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, record_tail: str = "zeros",
-                     teacher_weights=None, weight_temperature: float = 1.0, weight_granularity: str = "sequence",
+                     pairing: str = "index", student_offsets=None, teacher_offsets=None, teacher_weights=None, weight_temperature: float = 1.0, weight_granularity: str = "sequence",
                      reduction: str = "mean", deterministic: bool = False, backend: str = "auto",
                      return_components: bool = False):
     """The InfiGFusion objective ``(1 - lam) * CE + lam * sum_s w_s * (ULD_s + gamma * GLD_s)``.
@@ -338,7 +341,8 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     inputs = resolve(student_logits, teacher_logits, labels, teacher_labels=teacher_labels,
                      teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
-                     weight_granularity=weight_granularity)
+                     weight_granularity=weight_granularity, pairing=pairing, student_offsets=student_offsets,
+                     teacher_offsets=teacher_offsets)
     uld.check_options(inputs, uld_top_k, standardize, record_tail)
     distilled, graphs = lam != 0, lam != 0 and gamma != 0
     check_records_serve(inputs.teachers, values=values if graphs else None, temperature=temperature,

@@ -6,9 +6,10 @@ from typing import List, NamedTuple, Optional, Union
 
 import torch
 
+from .alignment import offset_match
 from .checks import (check_choice, check_ids_in_range, check_k, check_logits, check_positive, check_same_device,
                      check_temperature, valid_positions)
-from .contract import GRANULARITIES
+from .contract import GRANULARITIES, PAIRINGS
 from .teacher import Teacher, TopKRecord, as_teacher_list, teacher_name, vocab_size
 from .weighting import TeacherWeighting, resolve_rule
 
@@ -62,7 +63,7 @@ class CallInputs:
     teacher_valids: List[torch.Tensor]  # (B, T'_s) bool each
     weighting: TeacherWeighting
     granularity: str
-    _partners: Optional[torch.Tensor] = field(default=None, repr=False)
+    _partners: Optional[torch.Tensor] = field(default=None, repr=False)  # set now by "offsets" pairing
 
     @property
     def partners(self) -> torch.Tensor:
@@ -70,6 +71,14 @@ class CallInputs:
         if self._partners is None:
             self._partners = torch.stack([index_partners(self.valid, valid) for valid in self.teacher_valids])
         return self._partners
+
+
+def offset_partners(student_offsets, student_valid, teacher_offsets, teacher_valid) -> torch.Tensor:
+    """(B, T) flat teacher row whose target token starts at the character where the student's does (-1: none),
+    see :func:`infigw.alignment.offset_match` (ours: the pairing of character-aligned positions)."""
+    match = offset_match(student_offsets, student_valid, teacher_offsets, teacher_valid)
+    sequence = torch.arange(match.shape[0], device=match.device).unsqueeze(-1)
+    return torch.where(match >= 0, sequence * teacher_offsets.shape[1] + match, -1)
 
 
 def _teacher_valids(teachers, teacher_labels, teacher_mask, student_valid, student_unmasked, ignore_index, student):
@@ -131,13 +140,17 @@ def _golds(rule, teachers, teacher_labels, teacher_mask, labels, teacher_valids,
 def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
             ignore_index: int = -100, k: int = 1, temperature: float = 1.0, teacher_weights=None,
             weight_temperature: float = 1.0, weight_granularity: str = "sequence",
-            weight_k: Optional[int] = None, teacher_chars=None) -> CallInputs:
+            weight_k: Optional[int] = None, pairing: str = "index", student_offsets=None,
+            teacher_offsets=None, teacher_chars=None) -> CallInputs:
     """Validate and resolve the arguments every loss shares (see :mod:`infigw.functional` for their meaning).
 
     Args:
         student_logits: (B, T, V) logits, or a :class:`StudentSpec` for a student whose logits are never formed.
         k: entries each teacher must offer (GLD's k, ULD's top_k, or 1).
         weight_k: top-k of the entropy weights (default ``k``).
+        pairing: how token-level terms pair positions: "index" (the i-th valid with the i-th valid) or
+            "offsets" (the positions whose target tokens start at the same character; needs ``student_offsets``
+            (B, T, 2) and ``teacher_offsets``, one (B, T', 2) tensor or a list with one per teacher).
         teacher_chars: None, or per teacher a (B, T') count of the characters each position's target covers:
             the teacher weights' uncertainties are then per character (:mod:`infigw.weighting`).
     """
@@ -172,7 +185,17 @@ def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, la
     entropy_k = k if weight_k is None else weight_k
     weighting = TeacherWeighting(rule, teachers, teacher_valids, golds, k=entropy_k, temperature=temperature,
                                  weight_temperature=weight_temperature, chars=chars)
+    check_choice(pairing, "pairing", PAIRINGS)
+    if pairing == "offsets":
+        if student_offsets is None or teacher_offsets is None:
+            raise ValueError("pairing='offsets' needs student_offsets (B, T, 2) and teacher_offsets (one (B, T', 2) "
+                             "tensor per teacher): the character spans of the target tokens")
+        teacher_offsets = per_teacher(teacher_offsets, "teacher_offsets", len(teachers))
+        pairs = torch.stack([offset_partners(student_offsets, valid, offsets, teacher_valid)  # checks the offsets
+                             for offsets, teacher_valid in zip(teacher_offsets, teacher_valids)])
+    elif student_offsets is not None or teacher_offsets is not None:
+        raise ValueError("student_offsets / teacher_offsets are used by pairing='offsets' only")
     dense = None if isinstance(student_logits, StudentSpec) else student_logits
     return CallInputs(dense, student_logits.shape[-1], valid, None if labels is None else labels.long(), teachers,
-                      teacher_valids, weighting, weight_granularity)
+                      teacher_valids, weighting, weight_granularity, pairs if pairing == "offsets" else None)
 

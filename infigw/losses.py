@@ -30,7 +30,7 @@ def preset_options(name: str, loss_fn) -> dict:
 
 
 # Keyword arguments that describe one batch rather than the loss: given to forward, never stored.
-PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "teacher_chars")
+PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "teacher_chars", "student_offsets", "teacher_offsets")
 
 
 class _ConfiguredLoss(torch.nn.Module):

@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 echo "== 1/3 full suite, C++ extension loaded (and the CUDA bindings compile-checked with nvcc, ~1 min)"
-INFIGW_CHECK_CUDA_BINDINGS=1 python -m pytest tests -q "$@"
+INFIGW_CHECK_CUDA_BINDINGS=1 INFIGW_REQUIRE_MERGEKIT=1 python -m pytest tests -q "$@"
 
 echo "== 2/3 full suite, extension disabled (pure-PyTorch path)"
 INFIGW_DISABLE_EXTENSION=1 python -c "import infigw; print('import without extension:', infigw.__version__, infigw.backends()['cpp'])"

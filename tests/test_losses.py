@@ -318,3 +318,22 @@ def test_uncertainty_weights_with_padded_vocabulary_stay_finite():
                              return_components=True)
     assert torch.isfinite(loss) and torch.isfinite(parts["weights"]).all()
     assert torch.isfinite(F.uld_loss(student, [padded, padded * 2], teacher_weights="uncertainty", weight_k=12))
+
+
+def test_uld_offsets_pairing_pairs_tokens_that_start_at_the_same_character():
+    student, teacher = logits(1, 3, 20, seed=47), logits(1, 4, 25, seed=48)
+    student_offsets = torch.tensor([[[0, 2], [2, 5], [5, 7]]])
+    teacher_offsets = torch.tensor([[[0, 2], [2, 3], [3, 5], [5, 7]]])  # the student's second token split in two
+    out = F.uld_loss(student, teacher, pairing="offsets", student_offsets=student_offsets,
+                     teacher_offsets=teacher_offsets, teacher_mask=torch.ones(1, 4, dtype=torch.bool))
+    pairs = [(0, 0), (1, 1), (2, 3)]
+    expected = sum(uld_direct(student[0, s:s + 1], teacher[0, t:t + 1]) for s, t in pairs) / len(pairs)
+    assert_close(out, torch.tensor(expected), atol=1e-5, name="offsets pairing")
+    same = F.uld_loss(student, teacher[:, :3], pairing="offsets", student_offsets=student_offsets,
+                      teacher_offsets=student_offsets)
+    assert_close(same, F.uld_loss(student, teacher[:, :3]), name="one tokenization: offsets = index")
+    with pytest.raises(ValueError, match="pairing='offsets' needs student_offsets"):
+        F.uld_loss(student, teacher[:, :3], pairing="offsets")
+    with pytest.raises(ValueError, match="teacher_offsets must be a tensor"):
+        F.uld_loss(student, teacher[:, :3], pairing="offsets", student_offsets=student_offsets,
+                   teacher_offsets=torch.zeros(1, 3))

@@ -1,31 +1,32 @@
-"""Per-tensor merge math: task arithmetic, TIES, DARE and RSAF (our reconstruction).
+"""Merge methods: what to do with the deltas ``Δ_m = W_m − W_base`` of one tensor, as a :class:`MergePlan`.
 
-Every method is split in two so that a tensor can be merged chunk by chunk (bounded memory) and still give
-one answer whatever the chunking:
+The mergekit methods (``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``linear``) follow
+mergekit 0.1.5's rules (``merge_methods/generalized_task_arithmetic.py``, ``sparsify.py``, ``linear.py``), so
+one YAML config gives the same numbers in both tools; ``rsaf`` is our reconstruction of InfiFusion's
+Rate-Skewness Adaptive Fusion. Every method only *plans*; :mod:`infigw.merge.engine` carries the plan out
+chunk by chunk (bounded memory) with one answer whatever the chunking.
 
-1. ``plan(stats)``: from whole-tensor statistics of the deltas ``Δ_m = W_m − W_base`` (only gathered when the
-   method sets ``needs_stats``), return a :class:`MergePlan` — per-model weights, optional top-r keep ratios,
-   optional DARE drop rate, optional sign election, global scale.
-2. :func:`apply_plan` on each chunk: the elementwise part (masking, dropping, weighting, sign election).
+Generalized task arithmetic (all methods but ``linear``), per tensor, in the working dtype:
 
-All elementwise arithmetic is fp32 (statistics: fp32 reductions per chunk, summed over chunks in fp64); the
-engine writes the result back in the base dtype.
+1. sparsify each ``Δ_m`` to its kept fraction ``density[m]`` (``1`` keeps all): ``"magnitude"`` keeps exactly
+   ``k = max(1, ⌊density·n⌋)`` entries of largest ``|Δ_m|`` (ties at the threshold go to the lowest flat
+   index); ``"random"`` keeps each entry with probability ``density`` (DARE); with ``rescale`` the kept entries
+   are scaled so that ``‖·‖₁`` equals the unsparsified ``‖Δ_m‖₁``;
+2. weight: ``D_m = w_m · Δ'_m`` (weights of any sign);
+3. combine: without consensus ``mixed = Σ_m D_m``, ``divisor = Σ_m w_m``; with consensus the elected sign is
+   ``s = +1 where Σ_m D_m ≥ 0`` (``"sum"``, TIES) or ``where Σ_m sign(D_m) ≥ 0`` (``"count"``), else −1, and
+   ``mixed = Σ_m D_m·[sign D_m = s]``, ``divisor = Σ_m w_m·[sign D_m = s]``;
+4. ``normalize`` divides ``mixed`` by ``divisor`` (a zero divisor counts as 1); ``W = W_base + λ·mixed``.
 
-Top-r selection rule (used by TIES and RSAF): for ratio ``r`` and a tensor of ``n`` elements keep
-``k = clamp(round(r·n), 1, n)`` entries; the threshold ``t`` is the exact k-th largest ``|Δ|`` (found by a
-two-level radix select on the fp32 bit patterns, see :class:`MagnitudeSelector`, equal to
-``torch.kthvalue(|Δ|, n−k+1)``), and every entry with ``|Δ| ≥ t`` is kept. Ties at the threshold are therefore
-all kept (the kept count exceeds k only by exact ties), which makes the mask independent of element order
-and of chunking.
+``linear`` is a weighted average of the weights themselves (no base): ``W = Σ_m w_m W_m / Σ_m w_m``.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
-
-import torch
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 __all__ = [
     "TensorStats",
@@ -33,16 +34,19 @@ __all__ = [
     "MergeMethod",
     "TaskArithmetic",
     "Ties",
-    "Dare",
+    "DareTies",
+    "DareLinear",
+    "Linear",
     "Rsaf",
     "METHODS",
+    "LEGACY_METHODS",
     "get_method",
     "rsaf_keep_ratios",
     "keep_count",
-    "apply_plan",
-    "MagnitudeSelector",
-    "chunk_generator",
 ]
+
+SPARSIFICATIONS = (None, "magnitude", "random")
+CONSENSUS_METHODS = (None, "sum", "count")
 
 
 @dataclass
@@ -81,25 +85,43 @@ class TensorStats:
 
 @dataclass
 class MergePlan:
-    """What to do elementwise with the deltas of one tensor.
+    """What to do elementwise with the deltas of one tensor (see the module docstring for the rule).
 
-    merged = W_base + scale · combine_m( weights[m] · T_m(Δ_m) ), where T_m keeps the top ``keep_ratio[m]``
-    fraction of |Δ_m| (if given) and/or drops entries with probability ``drop_rate`` and rescales the rest by
-    ``1/(1−drop_rate)`` (if given). ``combine`` is a plain sum, or with ``elect_sign`` the TIES disjoint
-    weighted mean: elected sign ``s = sign(Σ_m w_m T_m(Δ_m))``, then
-    ``Σ_m w_m T_m(Δ_m)·[sign T_m(Δ_m) = s] / Σ_m w_m·[sign T_m(Δ_m) = s]`` (0 where no model agrees).
+    ``weights`` and ``density`` hold one entry per model; ``density`` is ignored without ``sparsification``.
+    ``linear=True`` averages the weights themselves instead (only ``weights`` and ``normalize`` apply).
     """
 
-    weights: list[float]
-    keep_ratio: list[float] | None = None
-    drop_rate: float | None = None
-    elect_sign: bool = False
+    weights: Sequence[float]
+    sparsification: str | None = None
+    density: Sequence[float] | None = None
+    rescale: bool = False
+    consensus: str | None = None
+    normalize: bool = False
     scale: float = 1.0
+    linear: bool = False
+
+    def check(self, num_models: int, who: str) -> "MergePlan":
+        """Validate against ``num_models`` (raises ``ValueError``/``TypeError`` naming the field); returns self."""
+        self.weights = _check_weights(self.weights, num_models, who, required=True)
+        if self.sparsification not in SPARSIFICATIONS:
+            raise ValueError(f"{who}: sparsification must be one of {SPARSIFICATIONS}, got {self.sparsification!r}")
+        if self.consensus not in CONSENSUS_METHODS:
+            raise ValueError(f"{who}: consensus must be one of {CONSENSUS_METHODS}, got {self.consensus!r}")
+        if self.sparsification is not None:
+            self.density = _check_densities(self.density, num_models, who)
+        self.scale = _finite(self.scale, f"{who}: scale")
+        if self.linear and self.normalize and sum(self.weights) == 0.0:
+            raise ValueError(f"{who}: weights sum to 0, so normalize cannot divide by them: {self.weights}")
+        return self
 
 
 @runtime_checkable
 class MergeMethod(Protocol):
-    """A swappable merge rule: set ``needs_stats`` if :meth:`plan` reads ``stats`` or returns keep ratios."""
+    """A swappable merge rule: set ``needs_stats`` if :meth:`plan` reads ``stats``.
+
+    Optional: ``config(num_models) -> (merge_method, per-model parameters, method parameters)`` for the
+    provenance file (``mergekit_config.yml``) written next to a merged checkpoint.
+    """
 
     name: str
     needs_stats: bool
@@ -107,19 +129,61 @@ class MergeMethod(Protocol):
     def plan(self, num_models: int, stats: TensorStats | None) -> MergePlan: ...
 
 
-def _check_weights(weights: Sequence[float] | None, num_models: int, who: str) -> list[float]:
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _finite(value, what: str) -> float:
+    """``float(value)`` for a real number (bools and strings are rejected), else an error naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a finite number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _per_model(values, num_models: int, what: str) -> list:
+    """A scalar broadcast to every model, or a sequence with one entry per model."""
+    if isinstance(values, (str, bytes)) or not (isinstance(values, numbers.Real) or isinstance(values, Sequence)):
+        raise TypeError(f"{what}: expected a number or a sequence of numbers, got {values!r}")
+    if isinstance(values, numbers.Real):
+        return [values] * num_models
+    if len(values) != num_models:
+        raise ValueError(f"{what} has {len(values)} entries, expected one per model ({num_models})")
+    return list(values)
+
+
+def _check_weights(weights, num_models: int, who: str, *, required: bool = False) -> list[float]:
+    """Per-model weights: finite, any sign (negative task vectors subtract), not all zero."""
     if weights is None:
+        if required:
+            raise ValueError(f"{who}: weights are required (one per model)")
         return [1.0 / num_models] * num_models
-    weights = [float(w) for w in weights]
-    if len(weights) != num_models:
-        raise ValueError(f"{who}: weights has {len(weights)} entries, expected one per model ({num_models})")
-    if not all(math.isfinite(w) and w >= 0.0 for w in weights) or sum(weights) <= 0.0:
-        raise ValueError(f"{who}: weights must be finite, non-negative and not all zero, got {weights}")
+    values = _per_model(weights, num_models, f"{who}: weights")
+    weights = [_finite(w, f"{who}: weights[{i}]") for i, w in enumerate(values)]
+    if all(w == 0.0 for w in weights):
+        raise ValueError(f"{who}: weights are all 0, so the merge would return the base unchanged")
     return weights
 
 
-def _check_fraction(value: float, name: str, *, open_low: bool, open_high: bool) -> float:
-    value = float(value)
+def _check_densities(density, num_models: int, who: str) -> list[float]:
+    out = []
+    for i, d in enumerate(_per_model(density, num_models, f"{who}: density")):
+        d = _finite(d, f"{who}: density[{i}]")
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"{who}: density[{i}] (kept fraction) must lie in [0, 1], got {d}")
+        out.append(d)
+    return out
+
+
+def _check_fraction(value, name: str, *, open_low: bool, open_high: bool) -> float:
+    value = _finite(value, name)
     low_ok = value > 0.0 if open_low else value >= 0.0
     high_ok = value < 1.0 if open_high else value <= 1.0
     if not (low_ok and high_ok):
@@ -128,83 +192,146 @@ def _check_fraction(value: float, name: str, *, open_low: bool, open_high: bool)
     return value
 
 
-def _check_scale(scale: float, who: str) -> float:
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{who}: scale must be finite, got {scale}")
-    return scale
+def keep_count(ratio: float, numel: int) -> int:
+    """Entries a magnitude selection of kept fraction ``ratio`` keeps: ``max(1, ⌊ratio·numel⌋)`` (mergekit's
+    rule; ``ratio ≥ 1`` keeps all ``numel``, ``ratio ≤ 0`` none)."""
+    if ratio >= 1.0:
+        return numel
+    if ratio <= 0.0 or numel == 0:
+        return 0
+    return max(1, int(ratio * numel))
+
+
+# ------------------------------------------------------------------------------------------- mergekit methods
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What mergekit fixes for one method of the family, and its defaults for ``normalize`` and ``rescale``."""
+
+    sparsification: str | None = None
+    consensus: str | None = None
+    normalize: bool = False
+    rescale: bool = False
 
 
 @dataclass
-class TaskArithmetic:
-    """Task arithmetic: ``W = W_base + scale · Σ_m w_m Δ_m``; defaults (w = 1/K, scale 1) = plain average."""
+class _TaskArithmeticFamily:
+    """mergekit's generalized task arithmetic; subclasses set ``name`` and their :class:`_Rule`.
 
-    weights: Sequence[float] | None = None
-    scale: float = 1.0
-    name: str = field(default="average", init=False)
-    needs_stats: bool = field(default=False, init=False)
-
-    def __post_init__(self):
-        self.scale = _check_scale(self.scale, self.name)
-
-    def plan(self, num_models, stats=None):
-        return MergePlan(weights=_check_weights(self.weights, num_models, self.name), scale=self.scale)
-
-
-@dataclass
-class Ties:
-    """TIES-merging (Yadav et al. 2023): trim to the top ``density`` of |Δ_m|, elect sign, disjoint mean.
-
-    ``weights`` (default uniform) turn the disjoint mean into a disjoint weighted mean; ``scale`` is λ.
+    ``weights``: one per model (or one for all), any sign; None = 1/K each **(ours: mergekit configs must give
+    them)**. ``density``: kept fraction per model (or one for all). ``normalize``/``rescale``/``consensus_method``
+    default to the method's mergekit defaults; ``scale`` is mergekit's ``lambda``.
     """
 
-    density: float = 0.2
-    weights: Sequence[float] | None = None
+    weights: Sequence[float] | float | None = None
+    density: Sequence[float] | float = 1.0
+    normalize: bool | None = None
+    rescale: bool | None = None
+    consensus_method: str | None = "default"
     scale: float = 1.0
-    name: str = field(default="ties", init=False)
-    needs_stats: bool = field(default=True, init=False)
+
+    name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    rule: ClassVar[_Rule] = _Rule()
 
     def __post_init__(self):
-        self.density = _check_fraction(self.density, "ties: density", open_low=True, open_high=False)
-        self.scale = _check_scale(self.scale, self.name)
+        who, rule = self.name, self.rule
+        self.scale = _finite(self.scale, f"{who}: scale (lambda)")
+        self.normalize = rule.normalize if self.normalize is None else _flag(self.normalize, f"{who}: normalize")
+        self.rescale = rule.rescale if self.rescale is None else _flag(self.rescale, f"{who}: rescale")
+        if self.consensus_method == "default":
+            self.consensus_method = rule.consensus
+        if self.consensus_method not in CONSENSUS_METHODS:
+            raise ValueError(f"{who}: consensus_method must be 'sum', 'count' or None, got {self.consensus_method!r}")
+        if rule.sparsification is None and self.density != 1.0:
+            raise ValueError(f"{who}: density does not apply (no sparsification); got {self.density!r}")
 
     def plan(self, num_models, stats=None):
         return MergePlan(
             weights=_check_weights(self.weights, num_models, self.name),
-            keep_ratio=[self.density] * num_models,
-            elect_sign=True,
+            sparsification=self.rule.sparsification,
+            density=self.density,
+            rescale=self.rescale,
+            consensus=self.consensus_method,
+            normalize=self.normalize,
             scale=self.scale,
-        )
+        ).check(num_models, self.name)
+
+    def config(self, num_models):
+        plan = self.plan(num_models)
+        per_model = [{"weight": w} for w in plan.weights]
+        if plan.sparsification is not None:
+            for entry, d in zip(per_model, plan.density):
+                entry["density"] = d
+        shared = {"normalize": plan.normalize, "lambda": plan.scale}
+        if plan.sparsification is not None:
+            shared["rescale"] = plan.rescale
+        if plan.consensus != self.rule.consensus:
+            shared["consensus_method"] = plan.consensus
+        return self.name, per_model, shared
 
 
 @dataclass
-class Dare:
-    """DARE (Yu et al. 2024): drop each delta entry with prob. ``drop_rate``, rescale the rest by 1/(1−p).
+class TaskArithmetic(_TaskArithmeticFamily):
+    """Task arithmetic: ``W = W_base + λ·Σ_m w_m Δ_m`` (mergekit ``task_arithmetic``; ``normalize`` False)."""
 
-    The Bernoulli masks come from a generator seeded by (seed, tensor name, model index, chunk index), so the
-    result is reproducible and identical between the in-memory and the streaming merge for the same seed and
-    ``chunk_elems`` (a different chunk size draws different, equally valid masks). ``elect_sign=True``
-    gives DARE-TIES (sign election + disjoint mean after drop-and-rescale).
+    name: ClassVar[str] = "task_arithmetic"
+
+
+@dataclass
+class Ties(_TaskArithmeticFamily):
+    """TIES (Yadav et al. 2023): magnitude-trim each Δ_m to ``density``, elect the sign by the weighted sum,
+    disjoint weighted mean (mergekit ``ties``: ``normalize`` True)."""
+
+    density: Sequence[float] | float = 0.2
+    name: ClassVar[str] = "ties"
+    rule: ClassVar[_Rule] = _Rule("magnitude", "sum", normalize=True)
+
+
+@dataclass
+class DareTies(_TaskArithmeticFamily):
+    """DARE-TIES (Yu et al. 2024): random drop to ``density``, L1 rescale, sign election, weighted **sum** of
+    the agreeing deltas (mergekit ``dare_ties``: ``normalize`` False, ``rescale`` True)."""
+
+    name: ClassVar[str] = "dare_ties"
+    rule: ClassVar[_Rule] = _Rule("random", "sum", rescale=True)
+
+
+@dataclass
+class DareLinear(_TaskArithmeticFamily):
+    """DARE: random drop to ``density``, L1 rescale, weighted sum (mergekit ``dare_linear``)."""
+
+    name: ClassVar[str] = "dare_linear"
+    rule: ClassVar[_Rule] = _Rule("random", rescale=True)
+
+
+@dataclass
+class Linear:
+    """Weighted average of the weights themselves, ``Σ_m w_m W_m / Σ_m w_m`` (mergekit ``linear``).
+
+    The base supplies only the tensor layout (and the config/tokenizer files); include it among the models
+    to give it a weight. ``normalize=False`` gives the plain weighted sum.
     """
 
-    drop_rate: float = 0.9
-    weights: Sequence[float] | None = None
-    elect_sign: bool = False
-    scale: float = 1.0
-    name: str = field(default="dare", init=False)
-    needs_stats: bool = field(default=False, init=False)
+    weights: Sequence[float] | float | None = None
+    normalize: bool = True
+    name: ClassVar[str] = "linear"
+    needs_stats: ClassVar[bool] = False
 
     def __post_init__(self):
-        self.drop_rate = _check_fraction(self.drop_rate, "dare: drop_rate", open_low=False, open_high=True)
-        self.scale = _check_scale(self.scale, self.name)
+        self.normalize = _flag(self.normalize, "linear: normalize")
 
     def plan(self, num_models, stats=None):
-        return MergePlan(
-            weights=_check_weights(self.weights, num_models, self.name),
-            drop_rate=self.drop_rate,
-            elect_sign=self.elect_sign,
-            scale=self.scale,
-        )
+        weights = _check_weights(self.weights, num_models, self.name)
+        return MergePlan(weights=weights, normalize=self.normalize, linear=True).check(num_models, self.name)
+
+    def config(self, num_models):
+        plan = self.plan(num_models)
+        return self.name, [{"weight": w} for w in plan.weights], {"normalize": plan.normalize}
+
+
+# ------------------------------------------------------------------------------------------- RSAF (ours)
 
 
 def rsaf_keep_ratios(
@@ -235,12 +362,11 @@ class Rsaf:
 
     Per tensor and model m, with ``Δ_m = W_m − W_base``:
 
-    - ``rate_m = ‖Δ_m‖₁ / (‖W_base‖₁ + eps)``, ``skew_m`` = population skewness of the entries of
-      ``|Δ_m|``;
-    - keep ratio ``r_m`` from :func:`rsaf_keep_ratios` (clipped to ``[r_min, r_max]``), top-r mask ``M_m``;
+    - ``rate_m = ‖Δ_m‖₁ / (‖W_base‖₁ + eps)``, ``skew_m`` = population skewness of the entries of ``|Δ_m|``;
+    - keep ratio ``r_m`` from :func:`rsaf_keep_ratios`; magnitude selection of ``keep_count(r_m, n)`` entries;
     - merge weights ``ω_m = rate_m / Σ rate`` (uniform when all rates are 0);
     - ``W = W_base + scale · Σ_m ω_m (M_m ⊙ Δ_m)``; with ``elect_sign`` the sum becomes the TIES disjoint
-      weighted mean (see :class:`MergePlan`).
+      weighted mean (sign election by the weighted sum, ``normalize``).
 
     Rationale: a model that moved a tensor more than the others (high relative rate) carries more of its
     change (larger r, larger ω); a heavy right tail of |Δ| (high skew) means the change is concentrated in
@@ -254,150 +380,81 @@ class Rsaf:
     elect_sign: bool = False
     scale: float = 1.0
     eps: float = 1e-12
-    name: str = field(default="rsaf", init=False)
-    needs_stats: bool = field(default=True, init=False)
+    name: ClassVar[str] = "rsaf"
+    needs_stats: ClassVar[bool] = True
 
     def __post_init__(self):
         self.r_min = _check_fraction(self.r_min, "rsaf: r_min", open_low=True, open_high=False)
         self.r_max = _check_fraction(self.r_max, "rsaf: r_max", open_low=True, open_high=False)
         if self.r_min > self.r_max:
             raise ValueError(f"rsaf: r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
-        if not (math.isfinite(self.r0) and self.r0 > 0.0):
+        if _finite(self.r0, "rsaf: r0") <= 0.0:
             raise ValueError(f"rsaf: r0 must be a positive finite number, got {self.r0}")
-        if not (math.isfinite(self.beta) and self.beta >= 0.0):
+        if _finite(self.beta, "rsaf: beta") < 0.0:
             raise ValueError(f"rsaf: beta must be finite and non-negative, got {self.beta}")
-        if not (math.isfinite(self.eps) and self.eps > 0.0):
+        if _finite(self.eps, "rsaf: eps") <= 0.0:
             raise ValueError(f"rsaf: eps must be positive, got {self.eps}")
-        self.scale = _check_scale(self.scale, self.name)
+        self.elect_sign = _flag(self.elect_sign, "rsaf: elect_sign")
+        self.scale = _finite(self.scale, "rsaf: scale")
 
     def plan(self, num_models, stats):
         rates = stats.rates(self.eps)
         total = sum(rates)
         weights = [r / total for r in rates] if total > 0.0 else [1.0 / num_models] * num_models
         ratios = rsaf_keep_ratios(rates, stats.skewness(), self.r0, self.beta, self.r_min, self.r_max)
-        return MergePlan(weights=weights, keep_ratio=ratios, elect_sign=self.elect_sign, scale=self.scale)
+        return MergePlan(
+            weights=weights, sparsification="magnitude", density=ratios,
+            consensus="sum" if self.elect_sign else None, normalize=self.elect_sign, scale=self.scale,
+        ).check(num_models, self.name)
+
+    def config(self, num_models):
+        shared = {k: getattr(self, k) for k in ("r0", "beta", "r_min", "r_max", "elect_sign", "scale", "eps")}
+        return self.name, [{} for _ in range(num_models)], shared
 
 
-METHODS: dict[str, type] = {"average": TaskArithmetic, "ties": Ties, "dare": Dare, "rsaf": Rsaf}
+# ------------------------------------------------------------------------------------------- names
+
+
+def _dare(drop_rate: float = 0.9, weights=None, elect_sign: bool = False, scale: float = 1.0):
+    """Deprecated ``dare``: ``dare_linear`` (``dare_ties`` with ``elect_sign``) with density = 1 − drop_rate."""
+    drop_rate = _check_fraction(drop_rate, "dare: drop_rate", open_low=False, open_high=True)
+    target = "dare_ties" if _flag(elect_sign, "dare: elect_sign") else "dare_linear"
+    warnings.warn(
+        f"merge method 'dare' is deprecated: use '{target}' with density = 1 - drop_rate = {1.0 - drop_rate:g} "
+        "(mergekit's names and rules: L1-norm rescale, one seeded random stream, DARE-TIES sums the agreeing "
+        "deltas)", FutureWarning, stacklevel=3,
+    )
+    cls = DareTies if elect_sign else DareLinear
+    return cls(weights=weights, density=1.0 - drop_rate, scale=scale)
+
+
+METHODS: dict[str, type] = {
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+    "dare_ties": DareTies,
+    "dare_linear": DareLinear,
+    "linear": Linear,
+    "rsaf": Rsaf,
+}
+# names of infigw before the mergekit names (kept working; ``dare`` warns)
+LEGACY_METHODS = {"average": TaskArithmetic, "dare": _dare}
 
 
 def get_method(method: str | MergeMethod, **options) -> MergeMethod:
-    """Instantiate ``METHODS[method](**options)``, or return a ready :class:`MergeMethod` unchanged."""
+    """Instantiate a method from :data:`METHODS` / :data:`LEGACY_METHODS` by name with ``options``, or return
+    a ready :class:`MergeMethod` unchanged."""
     if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
-        return METHODS[method](**options)
+        factory = METHODS.get(method) or LEGACY_METHODS.get(method)
+        if factory is None:
+            raise ValueError(f"method: expected one of {sorted(METHODS) + sorted(LEGACY_METHODS)}, got {method!r}")
+        try:
+            return factory(**options)
+        except TypeError as err:
+            if "unexpected keyword argument" in str(err):
+                raise TypeError(f"method {method!r}: {str(err).split('() ', 1)[-1]}") from None
+            raise
     if options:
         raise TypeError("method options are only accepted together with a method name")
     if not isinstance(method, MergeMethod):
         raise TypeError(f"method: expected a name or an object with name, needs_stats and plan(), got {method!r}")
     return method
-
-
-def keep_count(ratio: float, numel: int) -> int:
-    """Number of entries a top-``ratio`` selection keeps: ``clamp(round(ratio·numel), 1, numel)``."""
-    return min(max(round(ratio * numel), 1), numel)
-
-
-_HI_BINS = 1 << 15  # |Δ| is non-negative fp32: sign bit 0, so bits >> 16 < 2^15
-_LO_BINS = 1 << 16
-
-
-class MagnitudeSelector:
-    """Exact k-th largest |Δ| over a tensor seen chunk by chunk (two-level radix select on fp32 bits).
-
-    Non-negative fp32 values order like their int32 bit patterns. Pass 1 (:meth:`add_high`) histograms the
-    high 16 bits; :meth:`choose_bucket` picks the bucket holding the k-th largest value; pass 2
-    (:meth:`add_low`) histograms the low 16 bits inside that bucket; :meth:`threshold` returns the value.
-    Memory: two histograms, independent of the tensor size; no sorting copy.
-    """
-
-    def __init__(self):
-        self.high = torch.zeros(_HI_BINS, dtype=torch.int64)
-        self.low = torch.zeros(_LO_BINS, dtype=torch.int64)
-        self.bucket = -1
-        self.rank_in_bucket = 0
-
-    @staticmethod
-    def _bits(abs_delta: torch.Tensor) -> torch.Tensor:
-        return abs_delta.reshape(-1).view(torch.int32)
-
-    def add_high(self, abs_delta: torch.Tensor) -> None:
-        self.high += torch.bincount(self._bits(abs_delta) >> 16, minlength=_HI_BINS)
-
-    def has_non_finite(self) -> bool:
-        """Whether any |Δ| seen by :meth:`add_high` was inf or NaN (exponent bits all ones)."""
-        return bool(self.high[0x7F80:].any())
-
-    @staticmethod
-    def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
-        """Bin holding the k-th largest entry and the entry's rank (1-based) inside that bin."""
-        at_or_above = hist.flip(0).cumsum(0).flip(0)  # at_or_above[b] = count of entries in bins >= b
-        index = int((at_or_above >= k).nonzero().max())
-        above = int(at_or_above[index + 1]) if index + 1 < hist.numel() else 0
-        return index, k - above
-
-    def choose_bucket(self, k: int) -> None:
-        self.bucket, self.rank_in_bucket = self._kth_from_top(self.high, k)
-
-    def add_low(self, abs_delta: torch.Tensor) -> None:
-        values = abs_delta.reshape(-1)
-        # bucket membership by float bounds (the bucket is a contiguous value range): ~2x faster than bit shifts
-        low, high = _bits_to_float(self.bucket << 16), _bits_to_float((self.bucket + 1) << 16)
-        in_bucket = values.view(torch.int32)[(values >= low).logical_and_(values < high)]
-        self.low += torch.bincount(in_bucket & 0xFFFF, minlength=_LO_BINS)
-
-    def threshold(self) -> float:
-        low, _ = self._kth_from_top(self.low, self.rank_in_bucket)
-        return _bits_to_float((self.bucket << 16) | low)
-
-
-def _bits_to_float(bits: int) -> float:
-    """The fp32 value of a non-negative bit pattern (+inf for the pattern just above the largest bucket)."""
-    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
-
-
-def chunk_generator(seed: int, name: str, model: int, chunk: int) -> torch.Generator:
-    """CPU generator for one (tensor, model, chunk): a stable hash of the key, independent of process/order."""
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{model}\0{chunk}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-def apply_plan(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    plan: MergePlan,
-    thresholds: Sequence[float] | None,
-    generators: Sequence[torch.Generator] | None,
-) -> torch.Tensor:
-    """Merged fp32 chunk ``base + scale·combine(w_m·T_m(Δ_m))`` (``base`` and ``deltas`` are fp32 chunks).
-
-    ``thresholds[m]`` is model m's top-r magnitude threshold (when ``plan.keep_ratio`` is set);
-    ``generators[m]`` draws model m's DARE keep mask for this chunk (when ``plan.drop_rate`` is set).
-    """
-    contributions, rescale = [], 1.0
-    for m, delta in enumerate(deltas):
-        c = delta
-        if thresholds is not None:
-            c = delta * (delta.abs() >= thresholds[m])  # multiply by the mask: ~2x faster than torch.where on CPU
-        if plan.drop_rate is not None:
-            c = c * (torch.rand(delta.shape, generator=generators[m]) >= plan.drop_rate)
-            rescale = 1.0 / (1.0 - plan.drop_rate)  # folded into the weights below
-        contributions.append(c)
-
-    weighted_sum = contributions[0] * (plan.weights[0] * rescale)
-    for w, c in zip(plan.weights[1:], contributions[1:]):
-        weighted_sum.add_(c, alpha=w * rescale)
-    if not plan.elect_sign:
-        return base.add(weighted_sum, alpha=plan.scale)
-
-    elected = torch.sign(weighted_sum)
-    numerator = torch.zeros_like(base)
-    denominator = torch.zeros_like(base)
-    for w, c in zip(plan.weights, contributions):
-        agrees = (c * elected) > 0  # non-zero and of the elected sign
-        numerator.add_(c * agrees, alpha=w * rescale)
-        denominator.add_(agrees, alpha=w)
-    # where no model agrees the numerator is exactly 0, so dividing by a tiny floor gives 0 there
-    merged = numerator.div_(denominator.clamp_min_(torch.finfo(base.dtype).tiny))
-    return base.add(merged, alpha=plan.scale)

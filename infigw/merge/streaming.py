@@ -1,36 +1,66 @@
-"""Streaming merge over Hugging Face safetensors checkpoints.
+"""Streaming merge over Hugging Face safetensors checkpoints, written safely.
 
-Reads ``model.safetensors`` or ``model.safetensors.index.json`` + shards (safetensors format), one row chunk
-of one tensor per model at a time (see :mod:`infigw.merge.engine`), and writes the merged tensors
-chunk by chunk straight into pre-planned shards (the header of each shard is known before any data, so no
-whole tensor and no whole shard is ever held in memory), plus ``model.safetensors.index.json``. Every other
-top-level file of the base directory (config.json, tokenizer files, ...) is copied, except weight files.
-The output is built in a hidden temporary sibling directory and renamed into place at the end; on any error
-the temporary directory is removed, so a failed merge leaves no partial output.
+Reads ``model.safetensors`` or ``model.safetensors.index.json`` + shards, one row chunk of one tensor per model
+at a time (see :mod:`infigw.merge.engine`), and writes the merged tensors chunk by chunk straight into
+pre-planned shards (the header of each shard is known before any data). The output folder holds
+``model.safetensors`` (one shard, like ``save_pretrained``) or numbered shards + ``model.safetensors.index.json``,
+the base's other top-level files (config, tokenizer, …), a model card ``README.md`` and the config that ran
+(``mergekit_config.yml``).
+
+Fault handling: the output is built in a hidden sibling ``.OUT.tmp-XXXX`` holding a lock file whose ``flock``
+the merging process keeps until the end; it is renamed into place only if ``OUT`` still does not exist. Any
+error, Ctrl-C or SIGTERM removes it. A merge killed by SIGKILL or a power cut leaves it behind: the next merge
+into the same ``OUT`` (or :func:`remove_dead_merges`) removes every such folder whose lock nobody holds — never
+the one of a live merge. Folders and files get the permissions the umask gives (like ``mkdir``), not 0700.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import functools
+import glob
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .engine import DEFAULT_CHUNK_ELEMS, TensorSource, merge_tensor, validate_metadata
+from .card import config_yaml, model_card
+from .engine import (
+    DEFAULT_CHUNK_ELEMS,
+    TensorSource,
+    check_chunk_elems,
+    check_seed,
+    merge_tensor,
+    resolve_device,
+    resolve_dtype,
+    validate_metadata,
+)
 from .methods import MergeMethod, get_method
 
-__all__ = ["merge_safetensors", "parse_size", "SafetensorsCheckpoint", "INDEX_NAME", "SINGLE_NAME"]
+__all__ = ["merge_safetensors", "parse_size", "remove_dead_merges", "SafetensorsCheckpoint", "INDEX_NAME",
+           "SINGLE_NAME", "MergeTerminated"]
+
+log = logging.getLogger("infigw.merge")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+LOCK_NAME = ".infigw-merge.lock"
+CARD_NAME, CONFIG_NAME = "README.md", "mergekit_config.yml"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+_TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                              r"spiece\.model|chat_template\..*)")
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -39,6 +69,10 @@ _DTYPES = {
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class MergeTerminated(KeyboardInterrupt):
+    """SIGTERM arrived during a merge; handled like Ctrl-C (nothing is left behind)."""
 
 
 def parse_size(size: int | str) -> int:
@@ -156,7 +190,7 @@ def _nbytes(shape, dtype) -> int:
 
 
 def _plan_shards(meta, max_shard_bytes: int) -> list[list[str]]:
-    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
+    """Greedy packing in name order (mergekit's writer rule); a tensor larger than the limit gets its own shard."""
     shards, current, size = [], [], 0
     for name, (shape, dtype) in meta.items():
         nbytes = _nbytes(shape, dtype)
@@ -182,10 +216,144 @@ def _header(names, meta) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _copy_non_weight_files(src: Path, dst: Path) -> None:
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------- temporary folder
+
+
+def _temporaries(out: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(out.parent / f".{glob.escape(out.name)}.tmp-*")))
+
+
+def remove_dead_merges(out: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.OUT.tmp-*`` folders that merges into ``out`` left when they died; return them.
+
+    A folder is removed only when it holds infigw's lock file and no process holds that file's ``flock``
+    (the kernel releases it when its merge dies, even by SIGKILL): a live merge's folder is never touched, and
+    neither is anything that is not a merge folder.
+    """
+    removed = []
+    for folder in _temporaries(Path(out)):
+        lock = folder / LOCK_NAME
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # no lock: not ours, or a merge between creating its folder and its lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live merge holds it
+        finally:
+            os.close(fd)
+        _discard(folder)
+        log.warning("removed %s, left by a merge that died", folder)
+        removed.append(folder)
+    return removed
+
+
+def _discard(folder: Path) -> None:
+    """Remove a temporary folder, its lock file last (an interrupted removal stays recognisable as dead)."""
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.name != LOCK_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / LOCK_NAME).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _claim_temporary(out: Path) -> tuple[Path, int]:
+    """Create ``.OUT.tmp-XXXX`` (mode from the umask) holding a lock file locked by this process."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        fd = os.open(tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"infigw.merge pid {os.getpid()} on {socket.gethostname()} merging into {out}\n".encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, fd
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Atomic rename that fails with EEXIST when ``dst`` exists (``renameat2(RENAME_NOREPLACE)`` on Linux)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: the filesystem lacks RENAME_NOREPLACE
+            raise OSError(code, os.strerror(code), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While merging in the main thread with SIGTERM's default action, turn SIGTERM into :class:`MergeTerminated`
+    so the cleanup runs (schedulers stop jobs with SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise MergeTerminated("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------- output files
+
+
+def _copy_base_files(src: Path, dst: Path, copy_tokenizer: bool) -> None:
+    """The base's top-level non-weight files (config, tokenizer, …), except its model card and merge config."""
     for path in sorted(src.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(path, dst / path.name)
+        name = path.name
+        if (not path.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
+                or name in (CARD_NAME, CONFIG_NAME) or (not copy_tokenizer and _TOKENIZER_FILES.fullmatch(name))):
+            continue
+        shutil.copyfile(path, dst / name)  # copyfile, not copy2: new files get the umask's mode
+
+
+def _record_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Set the dtype recorded in a copied config.json (``dtype`` / ``torch_dtype``) to the merged one."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(config, dict) and k in config]
+    if keys:
+        for key in keys:
+            config[key] = str(dtype).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merge_safetensors(
@@ -198,66 +366,115 @@ def merge_safetensors(
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     progress: bool = False,
+    dtype: torch.dtype | str | None = torch.float32,
+    out_dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    copy_tokenizer: bool = True,
+    config_text: str | None = None,
     **options,
 ) -> Path:
     """Merge K fine-tuned safetensors checkpoints of ``base`` into the new directory ``out``; return its path.
 
-    Memory: O(K · chunk_elems) plus file handles, whatever the model size. Output: shards
-    ``model-0000i-of-0000n.safetensors`` of at most ``max_shard_size`` bytes (one oversized tensor gets its own
-    shard) + ``model.safetensors.index.json`` + the base's non-weight files. ``out`` must not exist.
+    Memory: O(K · chunk_elems) plus file handles, whatever the model size. ``dtype``/``out_dtype``/``seed``/
+    ``device`` as in :func:`~infigw.merge.merge_state_dicts` (bit-identical results). Output: one
+    ``model.safetensors``, or shards of at most ``max_shard_size`` bytes + index, the base's non-weight files
+    (tokenizer files only with ``copy_tokenizer``), ``README.md`` (model card) and ``mergekit_config.yml``
+    (``config_text``, else a config generated from the method). ``out`` must not exist. Raises ``OSError``
+    naming the path on I/O failures and :class:`MergeTerminated` on SIGTERM; nothing is left behind then.
     """
     method = get_method(method, **options)
     max_shard_bytes = parse_size(max_shard_size)
-    if chunk_elems <= 0:
-        raise ValueError(f"chunk_elems must be positive, got {chunk_elems}")
-    out = Path(out)
+    chunk_elems = check_chunk_elems(chunk_elems)
+    dtype, out_dtype = resolve_dtype(dtype, "dtype"), resolve_dtype(out_dtype, "out_dtype")
+    device, seed = resolve_device(device), check_seed(seed)
+    out, base, models = Path(out), Path(base), [Path(m) for m in models]
     if out.exists():
-        raise FileExistsError(f"out: {str(out)!r} already exists; choose a new directory")
-    models = list(models)
+        raise FileExistsError(errno.EEXIST, "the output directory already exists; choose a new one", str(out))
     labels = [f"model {i} ({m})" for i, m in enumerate(models)]
 
     with contextlib.ExitStack() as stack:
         base_ckpt = SafetensorsCheckpoint(base, f"base ({base})", stack)
         model_ckpts = [SafetensorsCheckpoint(m, label, stack) for m, label in zip(models, labels)]
         validate_metadata(base_ckpt.meta, [c.meta for c in model_ckpts], labels)
+        out_meta = {n: (shape, (out_dtype or dt) if dt.is_floating_point else dt)
+                    for n, (shape, dt) in base_ckpt.meta.items()}
+        float_dtypes = {dt for n, (_, dt) in out_meta.items() if base_ckpt.meta[n][1].is_floating_point}
+        shards = _plan_shards(out_meta, max_shard_bytes)
+        files = ([SINGLE_NAME] if len(shards) == 1
+                 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        # the recorded out_dtype makes the config reproduce this output under mergekit's rule (None: working dtype)
+        recorded_out = out_dtype or (next(iter(float_dtypes)) if len(float_dtypes) == 1 and dtype else None)
+        note = ""
+        if recorded_out is None and dtype is not None:
+            note = (f"the merged tensors kept their base dtypes {sorted(str(d) for d in float_dtypes)}; under this "
+                    f"config (no out_dtype) they are written in {dtype}")
+        config_text = config_text or config_yaml(method, base, models, dtype, recorded_out, seed, note)
+        card = model_card(out.name, method, base, models, seed=seed, dtype=dtype, out_dtype=out_dtype,
+                          config_text=config_text)
+        total = sum(_nbytes(*out_meta[n]) for n in out_meta)
+        generator = torch.Generator().manual_seed(seed)
 
-        shards = _plan_shards(base_ckpt.meta, max_shard_bytes)
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        total = sum(_nbytes(*base_ckpt.meta[n]) for n in base_ckpt.meta)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        bar = None
         try:
-            if progress:
-                from tqdm import tqdm
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_dead_merges(out)
+            tmp, lock_fd = _claim_temporary(out)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the output next to {str(out)!r}: {err.strerror}",
+                          err.filename or str(out.parent)) from None
+        stack.callback(os.close, lock_fd)
+        bar = None
+        current = tmp
+        try:
+            with _sigterm_as_interrupt():
+                if progress:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})")
-            for file, names in zip(files, shards):
-                with open(tmp / file, "wb") as f:
-                    f.write(_header(names, base_ckpt.meta))
-                    for name in names:
-                        chunks = merge_tensor(
-                            name, base_ckpt.source(name), [c.source(name) for c in model_ckpts], method,
-                            seed=seed, labels=labels, chunk_elems=chunk_elems,
-                        )
-                        written = 0
-                        for chunk in chunks:
-                            data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-                            f.write(data)
-                            written += data.nbytes
-                            if bar is not None:
-                                bar.update(data.nbytes)
-                        if written != _nbytes(*base_ckpt.meta[name]):
-                            raise RuntimeError(f"internal error: wrote {written} bytes for tensor {name!r}")
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            _copy_non_weight_files(Path(base), tmp)
-            os.rename(tmp, out)
+                    bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True,
+                                                   desc=f"merge ({method.name})"))
+                for file, names in zip(files, shards):
+                    current = tmp / file
+                    with open(current, "wb") as f:
+                        f.write(_header(names, out_meta))
+                        for name in names:
+                            chunks = merge_tensor(
+                                name, base_ckpt.source(name), [c.source(name) for c in model_ckpts], method,
+                                generator=generator, labels=labels, chunk_elems=chunk_elems, dtype=dtype,
+                                out_dtype=out_dtype, device=device,
+                            )
+                            for chunk in chunks:
+                                data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+                                f.write(data)
+                                if bar is not None:
+                                    bar.update(data.nbytes)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if len(shards) > 1:
+                    current = tmp / INDEX_NAME
+                    index = {"metadata": {"total_size": total},
+                             "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
+                    current.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                current = tmp
+                _copy_base_files(base, tmp, copy_tokenizer)
+                if len(float_dtypes) == 1 and (tmp / "config.json").is_file():
+                    _record_dtype(tmp / "config.json", next(iter(float_dtypes)))
+                (tmp / CARD_NAME).write_text(card)
+                (tmp / CONFIG_NAME).write_text(config_text)
+                (tmp / LOCK_NAME).unlink()  # still locked through lock_fd until the rename is done
+                current = out
+                try:
+                    _rename_no_replace(tmp, out)
+                except FileExistsError:
+                    raise FileExistsError(errno.EEXIST, "the output directory appeared during the merge (another "
+                                          "process?); this merge was discarded", str(out)) from None
+        except OSError as err:
+            _discard(tmp)
+            if isinstance(err, FileExistsError) and err.filename == str(out):
+                raise
+            raise OSError(err.errno, f"{err.strerror or err}; the merge into {str(out)!r} was discarded",
+                          err.filename or str(current)) from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp)
             raise
-        finally:
-            if bar is not None:
-                bar.close()
+    with contextlib.suppress(OSError):  # durability of the rename; the merge itself is complete
+        _fsync_dir(out.parent)
     return out

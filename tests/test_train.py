@@ -71,10 +71,12 @@ def test_collator_tokenizes_the_text_for_every_model_and_keeps_it(tokenizers):
         assert part["input_ids"][1, :len(ids)].tolist() == ids, tokenizer
         assert part["attention_mask"][1].sum() == len(ids)
         assert part["labels"][0, part["attention_mask"][0] == 0].eq(-100).all()
-        # the spans of the text tokens cover every character once, in order
+        # the spans of the text tokens cover every character once, in order; a word's token starts at its first
+        # letter whichever side the tokenizer puts the space on (trimmed spans: only spaces fall between them)
         spans = part["offsets"][1, 1:len(ids)].tolist()
         assert spans[0][0] == 0 and spans[-1][1] == len(TEXTS[1])
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] and not TEXTS[1][a[1]:b[0]].strip() for a, b in zip(spans, spans[1:]))
+        assert all(not TEXTS[1][start].isspace() for start, end in spans if end - start > 1)
 
 
 def test_collator_learns_only_the_completion_on_every_side(tokenizers):
@@ -104,7 +106,7 @@ def _teacher_outputs(teachers, batch):
 
 
 @pytest.mark.parametrize("options", [dict(values="topk_probs"), dict(values="probs", nodes="rank", gamma=0.5),
-                                     dict(lam=0.0), dict(gamma=0.0, uld_top_k=4)])
+                                     dict(lam=0.0), dict(gamma=0.0, uld_top_k=4), dict(pairing="offsets")])
 def test_micro_batch_shares_add_up_to_the_big_batch(tokenizers, teachers, options):
     """Sum over micro-batches of loss(micro, global counts) == loss(whole batch), value and gradient."""
     collator = FusionCollator(tokenizers["unigram"], [t.tokenizer for t in teachers])

@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from infigw.train import FusionCollator, shifted_targets
+from infigw.train import FusionCollator, TeacherOutput, shifted_targets
 from infigw.train.metrics import bits_per_character
 from infigw.train.toy import tiny_llama, train_tokenizer
 
@@ -55,8 +55,8 @@ class Teacher:
     name: str
     model: torch.nn.Module
     tokenizer: object
-    train_outputs: List[tuple]  # per student training document: (logits (T'-1, V) fp16, targets (T'-1,))
-    eval_outputs: List[tuple]  # per held-out document
+    train_outputs: List[tuple]  # per student training document: (logits (T'-1, V) fp16, targets (T'-1,),
+    eval_outputs: List[tuple]  # per held-out document             target spans (T'-1, 2))
 
 
 @dataclass
@@ -166,19 +166,35 @@ def build(scale: Scale, cache_root: Path, progress_factory=None) -> Assets:
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         cached = torch.load(outputs_file)
-        teachers.append(Teacher(name, model, tokenizer, cached["train"], cached["eval"]))
+        with_spans = [[(*output, spans) for output, spans in zip(cached[part], target_spans(tokenizer, texts,
+                                                                                               scale.max_length))]
+                      for part, texts in (("train", train), ("eval", eval_flat))]
+        teachers.append(Teacher(name, model, tokenizer, *with_spans))
         teacher_bpc[name] = cached["bpc"]
     return Assets(scale, student_tokenizer, train, held_out, teachers, teacher_bpc)
 
 
-def pad_outputs(outputs: List[tuple], indices: List[int]):
-    """Stack cached (logits, targets) of the chosen documents, right-padded (targets -100)."""
+def target_spans(tokenizer, texts: List[str], max_length: int) -> List[torch.Tensor]:
+    """Per text, the character spans (T-1, 2) of the tokens its positions predict (what pairing by offsets reads;
+    a function of the tokenizer only, so it is not cached)."""
+    spans = []
+    for inputs in batches(texts, tokenizer, 64, max_length):
+        for row in range(inputs["input_ids"].shape[0]):
+            length = int(inputs["attention_mask"][row].sum())
+            spans.append(inputs["offsets"][row, 1:length].clone())
+    return spans
+
+
+def pad_outputs(outputs: List[tuple], indices: List[int]) -> TeacherOutput:
+    """Stack cached (logits, targets, spans) of the chosen documents, right-padded (targets -100, spans -1)."""
     chosen = [outputs[i] for i in indices]
-    width = max(logits.shape[0] for logits, _ in chosen)
+    width = max(logits.shape[0] for logits, _, _ in chosen)
     vocab = chosen[0][0].shape[-1]
     logits = torch.zeros(len(chosen), width, vocab)
     targets = torch.full((len(chosen), width), -100, dtype=torch.long)
-    for row, (x, y) in enumerate(chosen):
+    spans = torch.full((len(chosen), width, 2), -1, dtype=torch.long)
+    for row, (x, y, z) in enumerate(chosen):
         logits[row, :x.shape[0]] = x.float()
         targets[row, :y.shape[0]] = y
-    return logits, targets
+        spans[row, :z.shape[0]] = z
+    return TeacherOutput(logits, targets, spans)

@@ -57,11 +57,13 @@ LAMBDAS = [Arm("CE+ULD lam=0.25", "lambda", dict(gamma=0.0, lam=0.25)),
            _gld("lambda", "GLD topk_probs/rank lam=0.25", values="topk_probs", nodes="rank", lam=0.25)]
 PAPER = [_gld("paper", "paper (logits/rank/sum, ULD top-10)", values="logits", nodes="rank", graph_norm="sum",
               uld_top_k=10)]
+PAIRING = [Arm("CE+ULD offsets", "pairing", dict(gamma=0.0, pairing="offsets")),
+           Arm("defaults, offsets pairing", "pairing", dict(pairing="offsets"))]
 WEIGHTS = [Arm("CE+ULD uncertainty", "teacher weights", dict(gamma=0.0, teacher_weights="uncertainty")),
            _gld("teacher weights", "GLD topk_probs/rank uncertainty", values="topk_probs", nodes="rank",
                 teacher_weights="uncertainty")]
 
-FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + LAMBDAS + PAPER + WEIGHTS
+FULL_ARMS = BASELINES + VALUES + NORMS + NUM_NODES + GAMMAS + LAMBDAS + PAPER + WEIGHTS + PAIRING
 QUICK_ARMS = BASELINES[:3] + [VALUES[0]] + PAPER
 
 
@@ -95,7 +97,7 @@ def _distances(model, assets: Assets) -> tuple:
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
         targets = shifted_targets(inputs["labels"])
         for teacher in assets.teachers:
-            teacher_logits, teacher_targets = pad_outputs(teacher.eval_outputs, indices)
+            teacher_logits, teacher_targets, _ = pad_outputs(teacher.eval_outputs, indices)
             common = dict(teacher_labels=teacher_targets, reduction="sum")
             gld += float(functional.gld_loss(logits, teacher_logits, targets, **METRIC_GLD, **common))
             uld += float(functional.uld_loss(logits, teacher_logits, targets, **common))

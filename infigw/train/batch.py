@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..records.text import trim_leading_whitespace
+
 IGNORE_INDEX = -100
 
 
@@ -37,7 +39,9 @@ def _texts_and_starts(features, text_field: str):
 def tokenize(tokenizer, texts: Sequence[str], response_starts: Sequence[int], max_length: Optional[int],
              pad_to_multiple_of: Optional[int] = None) -> dict:
     """One model's padded batch of ``texts``: input_ids, attention_mask, labels (unshifted, -100 on padding and
-    on tokens that end at or before the response start) and offsets (B, T, 2) character spans (-1 on padding).
+    on tokens that end at or before the response start) and offsets (B, T, 2) character spans (-1 on padding),
+    trimmed of leading whitespace as :mod:`infigw.alignment` expects (a word's token starts at its first letter
+    whether the tokenizer attaches the space before it or not).
 
     Needs a fast tokenizer (character offsets); a tokenizer without a pad token pads with id 0 (masked anyway).
     """
@@ -54,10 +58,10 @@ def tokenize(tokenizer, texts: Sequence[str], response_starts: Sequence[int], ma
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
     offsets = torch.full((batch, width, 2), -1, dtype=torch.long)
-    for row, (ids, spans) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+    for row, (ids, spans, text) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], texts)):
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, :len(ids)] = 1
-        offsets[row, :len(ids)] = torch.tensor(spans, dtype=torch.long).view(-1, 2)
+        offsets[row, :len(ids)] = torch.from_numpy(trim_leading_whitespace(spans, text))
     starts = torch.tensor(list(response_starts), dtype=torch.long).unsqueeze(-1)
     present = attention.bool()
     special = present & (offsets[..., 1] <= offsets[..., 0])  # BOS/EOS and other tokens that cover no text

@@ -76,6 +76,12 @@ class FusionObjective:
         targets = shifted_targets(batch["labels"], position_ids)
         view = sequence_view(position_ids)
         logits, targets = sequences_of(logits, view), sequences_of(targets, view, IGNORE_INDEX)
+        pairing = {}
+        if self.options.get("pairing") == "offsets":
+            if "offsets" not in batch:
+                raise ValueError("pairing='offsets' needs the student's character offsets in the batch (as "
+                                 "infigw.train.FusionCollator gives them)")
+            pairing["student_offsets"] = sequences_of(batch["offsets"][:, 1:], view, -1)
         if counts is None:
             counts = count_items(batch)
         tokens, sequences = counts[0].clamp_min(1), counts[1].clamp_min(1)
@@ -86,11 +92,16 @@ class FusionObjective:
         if self.lam != 0 and teachers:
             teachers = [TeacherOutput(*teacher) for teacher in teachers]
             self._check_teachers(teachers, logits.shape[0])
-            chars = [t.chars for t in teachers]
+            spans = [t.offsets for t in teachers]
+            known = all(s is not None for s in spans)
+            if pairing:
+                if not known:
+                    raise ValueError("pairing='offsets' needs every teacher's target offsets (TeacherOutput.offsets)")
+                pairing["teacher_offsets"] = spans
             distill, parts = functional.infigfusion_loss(
                 logits, [t.logits for t in teachers], targets, teacher_labels=[t.targets for t in teachers],
-                teacher_chars=None if any(c is None for c in chars) else chars, lam=1.0, reduction="none",
-                return_components=True, **self.options)
+                teacher_chars=[t.chars for t in teachers] if known else None, lam=1.0, reduction="none",
+                return_components=True, **pairing, **self.options)
             loss = loss + self.lam * distill.sum() / sequences.to(distill.dtype)
             logs.update(self._component_logs(parts))
         return StepTerms(loss, logs)

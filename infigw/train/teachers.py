@@ -16,12 +16,16 @@ class TeacherOutput(NamedTuple):
     """One teacher's side of a batch, aligned with its own shifted targets: what the losses take."""
     logits: object  # (B, T' - 1, V_t) dense logits or a TopKRecord
     targets: torch.Tensor  # (B, T' - 1) the token each position predicts, -100 to ignore
-    chars: Optional[torch.Tensor] = None  # (B, T' - 1) characters of each target token (per-character weights)
+    offsets: Optional[torch.Tensor] = None  # (B, T' - 1, 2) character spans of the target tokens (-1: none)
+
+    @property
+    def chars(self) -> Optional[torch.Tensor]:
+        """(B, T' - 1) characters of each target token (per-character teacher weights), or None."""
+        return None if self.offsets is None else target_chars(self.offsets)
 
 
-def target_chars(offsets: torch.Tensor) -> torch.Tensor:
-    """(B, T, 2) character spans of the tokens -> (B, T - 1) characters covered by each position's target."""
-    spans = offsets[:, 1:]
+def target_chars(spans: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2) character spans of target tokens -> (B, T) characters each covers (0 for none)."""
     return (spans[..., 1] - spans[..., 0]).clamp_min(0)
 
 
@@ -65,4 +69,4 @@ class OnlineTeacher:
         mask = inputs["attention_mask"].to(device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         home = inputs["input_ids"].device
-        return TeacherOutput(logits.to(home), shifted_targets(inputs["labels"]), target_chars(inputs["offsets"]))
+        return TeacherOutput(logits.to(home), shifted_targets(inputs["labels"]), inputs["offsets"][:, 1:])

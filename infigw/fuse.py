@@ -5,7 +5,7 @@ Configuration (every key but ``student``, ``teachers``, ``data.train`` and ``out
     student: path/to/pivot                  # a transformers causal LM folder (its tokenizer beside it)
     teachers:
       - {name: math, model: path/to/teacher_a, weight: 1.0, offload: false}   # tokenizer: defaults to model
-      - {name: lore, model: path/to/teacher_b}
+      - {name: lore, store: path/to/records}  # offline: captured with python -m infigw.records capture
     data:
       train: train.jsonl                    # .jsonl (a "text" column, or "prompt" + "completion") or .txt lines
       eval: eval.jsonl                      # optional: held-out bits per character before and after
@@ -21,8 +21,8 @@ Strategies (InfiFusion): ``unified`` distils every teacher at once with their we
 teacher, or ``objective.teacher_weights``); ``pairwise`` distils each teacher into its own copy of the pivot
 (``output/pairwise/<name>``; the teachers' weights do not apply) and merges the copies with
 :func:`infigw.merge.merge_safetensors` into ``output/model``. Writes ``output/model`` (``save_pretrained`` +
-tokenizer), ``output/report.md``, ``output/loss_components.png`` and ``output/log_history.json``. Nothing is left half-written: the model folder
-is written beside its final name and renamed at the end.
+tokenizer), ``output/report.md``, ``output/loss_components.png`` and ``output/log_history.json``. Nothing is
+left half-written: the model folder is written beside its final name and renamed at the end.
 """
 import argparse
 import json
@@ -74,9 +74,9 @@ def check_config(config: dict, base: Path = Path(".")) -> dict:
         raise ConfigError("teachers must be a non-empty list of {name, model, tokenizer?, weight?, offload?}")
     resolved, names = [], set()
     for i, teacher in enumerate(teachers):
-        if not isinstance(teacher, dict) or "model" not in teacher:
-            raise ConfigError(f"teachers[{i}] must be a mapping with a 'model' path")
-        extra = sorted(set(teacher) - {"name", "model", "tokenizer", "weight", "offload"})
+        if not isinstance(teacher, dict) or ("model" in teacher) == ("store" in teacher):
+            raise ConfigError(f"teachers[{i}] must be a mapping with either a 'model' path or a records 'store'")
+        extra = sorted(set(teacher) - {"name", "model", "store", "tokenizer", "weight", "offload"})
         if extra:
             raise ConfigError(f"teachers[{i}] has unknown keys {extra}")
         name = str(teacher.get("name", f"teacher{i}"))
@@ -86,9 +86,12 @@ def check_config(config: dict, base: Path = Path(".")) -> dict:
         weight = teacher.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
             raise ConfigError(f"teachers[{i}].weight must be a number >= 0, got {weight!r}")
-        model = _path(teacher["model"], f"teachers[{i}].model", base)
-        resolved.append({"name": name, "model": model,
-                         "tokenizer": _path(teacher.get("tokenizer", model), f"teachers[{i}].tokenizer", base),
+        source = "model" if "model" in teacher else "store"
+        path = _path(teacher[source], f"teachers[{i}].{source}", base)
+        tokenizer = teacher.get("tokenizer", path if source == "model" else None)
+        resolved.append({"name": name, "model": path if source == "model" else None,
+                         "store": path if source == "store" else None,
+                         "tokenizer": None if tokenizer is None else _path(tokenizer, f"teachers[{i}].tokenizer", base),
                          "weight": weight, "offload": bool(teacher.get("offload", False))})
     out["teachers"] = resolved
     data = config["data"]
@@ -138,13 +141,18 @@ def _train(config: dict, teacher_specs: List[dict], output: Path, progress_desc:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from .losses import InfiGFusionLoss
-    from .train import FusionTrainer, OnlineTeacher
+    from .train import FusionTrainer, OnlineTeacher, StoreTeacher
 
     student = AutoModelForCausalLM.from_pretrained(config["student"])
     tokenizer = AutoTokenizer.from_pretrained(config["student"])
-    teachers = [OnlineTeacher(AutoModelForCausalLM.from_pretrained(spec["model"]),
-                              AutoTokenizer.from_pretrained(spec["tokenizer"]), name=spec["name"],
-                              offload=spec["offload"]) for spec in teacher_specs]
+    teachers = []
+    for spec in teacher_specs:
+        tokenizer_of = None if spec["tokenizer"] is None else AutoTokenizer.from_pretrained(spec["tokenizer"])
+        if spec["store"] is not None:
+            teachers.append(StoreTeacher(spec["store"], name=spec["name"], tokenizer=tokenizer_of))
+        else:
+            teachers.append(OnlineTeacher(AutoModelForCausalLM.from_pretrained(spec["model"]), tokenizer_of,
+                                          name=spec["name"], offload=spec["offload"]))
     objective = dict(config["objective"])
     if len(teacher_specs) > 1 and teacher_specs[0]["weight"] is not None:  # unified: the teachers' fixed weights
         objective["teacher_weights"] = [spec["weight"] for spec in teacher_specs]
@@ -158,7 +166,9 @@ def _train(config: dict, teacher_specs: List[dict], output: Path, progress_desc:
         arguments = TrainingArguments(**training)
     except TypeError as error:
         raise ConfigError(f"training: {error}") from None
-    examples = read_texts(config["data"]["train"], config["data"]["text_field"])
+    # "index": the row numbers, by which record stores captured from the same file are read
+    examples = [{**example, "index": row}
+                for row, example in enumerate(read_texts(config["data"]["train"], config["data"]["text_field"]))]
     trainer = FusionTrainer(model=student, args=arguments, train_dataset=Dataset.from_list(examples),
                             processing_class=tokenizer, teachers=teachers,
                             objective=objective,

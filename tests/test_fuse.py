@@ -75,10 +75,27 @@ def test_a_run_writes_the_fused_model_and_its_report(models, tmp_path, strategy)
     assert not list(out.glob("*.partial"))
 
 
+@pytest.mark.skipif(os.environ.get("INFIGW_DISABLE_EXTENSION") == "1",
+                    reason="backend-independent end-to-end run: checked in the stage with the extension")
+def test_a_record_store_teacher_in_a_unified_run(models, tmp_path):
+    """A teacher given as a records store (captured from the training file) beside an online one."""
+    from infigw.records.capture import capture
+
+    capture(str(models / "lore"), models / "train.jsonl", tmp_path / "lore_store", k=16, progress=False)
+    config = _config(models, tmp_path / "run")
+    config["teachers"][1] = {"name": "lore", "store": str(tmp_path / "lore_store"), "weight": 0.3,
+                             "tokenizer": str(models / "lore")}
+    assert _run(tmp_path, config) == 0
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())["unified"]
+    assert history[0]["gld/lore"] > 0 and history[0]["weights/lore"] == pytest.approx(0.3)
+    assert "teacher lore" not in (tmp_path / "run" / "report.md").read_text()  # no model to evaluate
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(strategy="sideways"), "strategy must be one of"),
     (dict(teachers=[]), "teachers must be a non-empty list"),
     (dict(teachers=[{"name": "a", "model": "m", "weight": -1}]), r"teachers\[0\].weight must be a number >= 0"),
+    (dict(teachers=[{"name": "a", "model": "m", "store": "s"}]), "either a 'model' path or a records 'store'"),
     (dict(objective={"values": "logits", "colour": 1}), "objective: .*unknown options"),
     (dict(objective={"teacher_weights": "nll"}), "teacher weights are given twice"),
     (dict(surprise=1), "unknown keys"),

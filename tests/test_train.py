@@ -253,7 +253,7 @@ def test_trl_sft_trainer_with_its_own_pipeline(tokenizers, teachers, packing):
         teachers=teachers, objective=InfiGFusionLoss(values="topk_probs", nodes="rank"))
     batch = next(iter(trainer.get_train_dataloader()))
     assert ("position_ids" in batch) == packing and batch["input_ids"].shape[0] == (1 if packing else 3)
-    parts = trainer._parts_from_student_tokens(batch)
+    parts = trainer._parts_from_student_tokens(batch, teachers)
     for part, teacher in zip(parts, teachers):
         assert part["input_ids"].shape[0] == 3  # one row per sequence, packed or not
         decoded = teacher.tokenizer.batch_decode(part["input_ids"], skip_special_tokens=True)
@@ -275,3 +275,29 @@ def test_the_first_example_of_docs_training_runs_as_written(tmp_path, monkeypatc
     logged = namespace["trainer"].state.log_history[0]
     assert {"ce", "uld/math", "gld/lore", "weights/math"} <= set(logged)
     assert (tmp_path / "fused" / "config.json").exists()
+
+
+def test_a_record_store_teacher_equals_the_same_teacher_online(tokenizers, teachers, tmp_path):
+    """Records captured with infigw.records (k = the whole vocabulary, with logsumexp) give the online teacher's
+    loss: the store is read by the dataset's index column, its target spans pair like the collator's."""
+    import json
+
+    from infigw.records.capture import capture
+    from infigw.train import StoreTeacher
+
+    online = teachers[0]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
+    vocab = online.model.config.vocab_size
+    capture(online.model, data, tmp_path / "store", k=vocab, tokenizer=online.tokenizer, value_dtype="fp32",
+            progress=False)
+    store = StoreTeacher(tmp_path / "store", name="bpe", tokenizer=online.tokenizer)
+    collator = FusionCollator(tokenizers["unigram"], [online.tokenizer])
+    batch = collator([{"text": t, "index": i} for i, t in enumerate(TEXTS[:4])])
+    logits = torch.randn(*batch["input_ids"].shape, len(tokenizers["unigram"]), generator=torch.Generator()
+                         .manual_seed(0))
+    for options in (dict(values="topk_probs"), dict(gamma=0.0, pairing="offsets"), dict(uld_top_k=8)):
+        objective = FusionObjective(InfiGFusionLoss(**options))
+        expected = objective(logits, batch, [online.outputs(batch["teachers"][0])])
+        actual = objective(logits, batch, [store.outputs(batch["index"])])
+        assert_close(actual.loss, expected.loss, atol=1e-4, rtol=1e-4, name=f"store vs online {options}")

@@ -111,7 +111,8 @@ class FusionObjective:
         for i, teacher in enumerate(teachers):
             if teacher.logits.shape[0] != sequences:
                 raise ValueError(f"teacher {i} has {teacher.logits.shape[0]} sequences but the student batch has "
-                                 f"{sequences} (packed rows are split into sequences: give the teachers one row per sequence)")
+                                 f"{sequences} (packed rows are split into sequences: give the teachers one row per "
+                                 "sequence)")
 
     def _component_logs(self, parts: dict) -> Dict[str, torch.Tensor]:
         """Per teacher, the mean ULD, GLD and weight over the sequences it is present in (device tensors: no host

@@ -12,7 +12,7 @@ def evaluate(config: dict, texts: List[str], model_class, tokenizer_class) -> Di
     """Held-out bits per character of the pivot before and after fusion, and of each teacher."""
     max_length = config["data"]["max_length"]
     models = {"pivot (before)": config["student"], "fused pivot": config["output"] / "model"}
-    models.update({f"teacher {t['name']}": t["model"] for t in config["teachers"]})
+    models.update({f"teacher {t['name']}": t["model"] for t in config["teachers"] if t["model"] is not None})
     tokenizers = {f"teacher {t['name']}": t["tokenizer"] for t in config["teachers"]}
     result = {}
     for name, path in models.items():
@@ -63,7 +63,7 @@ def write(output: Path, config: dict, histories: Dict[str, List[dict]],
     plot(histories, output / "loss_components.png")
     lines = [f"# Fusion report: {config['strategy']}", "",
              f"- pivot: `{config['student']}`; fused model: `{output / 'model'}`",
-             "- teachers: " + ", ".join(f"{t['name']} (`{t['model']}`)" for t in config["teachers"]),
+             "- teachers: " + ", ".join(f"{t['name']} (`{t['model'] or t['store']}`)" for t in config["teachers"]),
              f"- objective: `{config['objective'] or 'defaults'}`; training: `{config['training']}`"]
     if config["strategy"] == "pairwise":
         lines.append(f"- merge: `{config['merge'] or {'method': 'rsaf'}}` over `{output / 'pairwise'}`")

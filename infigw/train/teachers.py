@@ -1,9 +1,11 @@
-"""The teachers of a fusion run: frozen models with their own tokenizers, run online on the batch's raw text.
+"""The teachers of a fusion run: frozen models with their own tokenizers, run online on the batch's raw text
+(:class:`OnlineTeacher`), or their top-k records read offline from a store (:class:`StoreTeacher`).
 
 A teacher never trains: :meth:`OnlineTeacher.prepare` puts it in eval mode without gradients, on the training
 device or, with ``offload=True``, kept in CPU memory and streamed to the device layer by layer
-(``accelerate.cpu_offload``). Its outputs for a batch are its logits aligned with its own shifted targets, in the
-form the losses take (``teacher_logits`` + ``teacher_labels``).
+(``accelerate.cpu_offload``). Either kind gives, per batch, a :class:`TeacherOutput`: its logits (or a
+:class:`~infigw.TopKRecord`) aligned with its own shifted targets and their character spans, the form the losses
+take (``teacher_logits``, ``teacher_labels``, ``teacher_offsets``).
 """
 from typing import NamedTuple, Optional
 
@@ -70,3 +72,37 @@ class OnlineTeacher:
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         home = inputs["input_ids"].device
         return TeacherOutput(logits.to(home), shifted_targets(inputs["labels"]), inputs["offsets"][:, 1:])
+
+
+class StoreTeacher:
+    """A teacher captured offline (``python -m infigw.records capture``): its records are read by the batch's
+    example ``index`` (the row numbers of the data the store was captured from).
+
+    Args:
+        store: an opened :class:`~infigw.records.RecordStore` or its path.
+        name: how logs and reports call it (default ``teacher{i}``).
+        tokenizer: optional, the teacher's tokenizer: a store written with another one is refused.
+    """
+
+    tokenizer = None  # nothing to tokenize: the records hold the teacher's positions
+
+    def __init__(self, store, *, name: Optional[str] = None, tokenizer=None):
+        from ..records import RecordStore, open_store
+
+        self.store = store if isinstance(store, RecordStore) else open_store(store, tokenizer=tokenizer)
+        self.name = name
+        self._device = None
+
+    def prepare(self, device) -> None:
+        self._device = torch.device(device)
+
+    def outputs(self, indices: torch.Tensor) -> TeacherOutput:
+        """The records of the examples ``indices`` (B,), padded, on the training device; targets outside each
+        example's response are ignored."""
+        from ..records import collate
+
+        records = collate([self.store[int(i)] for i in indices.tolist()])
+        if self._device is not None:
+            records = records.to(self._device)
+        targets = records.labels.masked_fill(~records.response_mask(), -100)
+        return TeacherOutput(records.record, targets, records.offsets)

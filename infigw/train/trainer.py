@@ -21,7 +21,7 @@ from transformers.utils import logging
 from ..losses import InfiGFusionLoss
 from .batch import FusionCollator, sequence_view, tokenize
 from .loss import FusionObjective, count_items
-from .teachers import OnlineTeacher
+from .teachers import OnlineTeacher, StoreTeacher
 
 logger = logging.get_logger(__name__)
 
@@ -35,7 +35,8 @@ class FusionMixin:
     """The fusion overrides of a Trainer (see the module docstring).
 
     Keyword arguments (besides the base Trainer's):
-        teachers: the :class:`~infigw.train.OnlineTeacher` s.
+        teachers: :class:`~infigw.train.OnlineTeacher` s and :class:`~infigw.train.StoreTeacher` s (a store is read by
+            the dataset's ``index`` column: the row numbers of the data it was captured from).
         objective: an :class:`~infigw.InfiGFusionLoss` holding the objective's options (default: its defaults).
         max_length: truncation of the default collator.
     The default ``data_collator`` is a :class:`~infigw.train.FusionCollator` over ``processing_class`` (the
@@ -46,8 +47,9 @@ class FusionMixin:
                  max_length: Optional[int] = None, **kwargs):
         teachers = list(teachers)
         for i, teacher in enumerate(teachers):
-            if not isinstance(teacher, OnlineTeacher):
-                raise TypeError(f"teachers[{i}] must be an infigw.train.OnlineTeacher, got {type(teacher).__name__}")
+            if not isinstance(teacher, (OnlineTeacher, StoreTeacher)):
+                raise TypeError(f"teachers[{i}] must be an infigw.train.OnlineTeacher or StoreTeacher, got "
+                                f"{type(teacher).__name__}")
             teacher.name = teacher.name or f"teacher{i}"
         # TRL's SFTTrainer (its config has `packing`) tokenizes and packs itself: the teachers then read text
         # decoded from its batches; a plain Trainer gets the collator that keeps the raw text.
@@ -56,7 +58,8 @@ class FusionMixin:
             tokenizer = kwargs.get("processing_class")
             if tokenizer is None:
                 raise ValueError("pass processing_class (the student's tokenizer) or a data_collator")
-            kwargs["data_collator"] = FusionCollator(tokenizer, [t.tokenizer for t in teachers], max_length)
+            online = [t.tokenizer for t in teachers if isinstance(t, OnlineTeacher)]
+            kwargs["data_collator"] = FusionCollator(tokenizer, online, max_length)
         super().__init__(*args, **kwargs)
         self.teachers = teachers
         self.objective = FusionObjective(objective, [t.name for t in teachers])
@@ -103,17 +106,22 @@ class FusionMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _teacher_outputs(self, inputs):
-        """Each online teacher's :class:`~infigw.train.TeacherOutput`, one row per sequence of the batch."""
-        if not self.teachers:
-            return []
+        """Each teacher's :class:`~infigw.train.TeacherOutput`, one row per sequence of the batch: online teachers
+        read their tokenized parts (in order), store teachers the batch's example indices."""
+        online = [t for t in self.teachers if isinstance(t, OnlineTeacher)]
         parts = inputs.get("teachers")
-        if parts is None:
-            parts = self._parts_from_student_tokens(inputs)
-        if len(parts) != len(self.teachers):
-            raise ValueError(f"the batch carries {len(parts)} teacher parts for {len(self.teachers)} online teachers")
-        return [teacher.outputs(part) for teacher, part in zip(self.teachers, parts)]
+        if online and parts is None:
+            parts = self._parts_from_student_tokens(inputs, online)
+        if online and len(parts) != len(online):
+            raise ValueError(f"the batch carries {len(parts)} teacher parts for {len(online)} online teachers")
+        if len(online) < len(self.teachers) and "index" not in inputs:
+            raise ValueError("a record-store teacher needs the examples' indices: give the dataset an 'index' column "
+                             "(the row numbers of the data the store was captured from)")
+        parts = iter(parts or ())
+        return [teacher.outputs(next(parts)) if isinstance(teacher, OnlineTeacher) else teacher.outputs(inputs["index"])
+                for teacher in self.teachers]
 
-    def _parts_from_student_tokens(self, inputs):
+    def _parts_from_student_tokens(self, inputs, teachers):
         """Teacher parts for a batch made without :class:`FusionCollator` (TRL's own pipeline, packed or not):
         each sequence's text is decoded from the student's tokens, exact for lossless tokenizers (byte-level BPE,
         SentencePiece-style) only, and every target of the teachers is learnt."""
@@ -137,7 +145,7 @@ class FusionMixin:
         max_length = getattr(self.data_collator, "max_length", None)
         return [{key: value.to(ids.device) for key, value in
                  tokenize(teacher.tokenizer, texts, [0] * len(texts), max_length).items()}
-                for teacher in self.teachers]
+                for teacher in teachers]
 
     def log(self, logs, *args, **kwargs):
         if self._component_steps and "loss" in logs:

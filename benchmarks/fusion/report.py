@@ -116,7 +116,9 @@ def plots(runs, out: Path) -> List[str]:
     files.append("fusion_distance.png")
 
     arms = _by_arm(runs)
-    shown = [n for n in names if arms[n][0]["history"]][:8]
+    key_arms = ("CE", REFERENCE, "defaults: InfiGFusionLoss()", "GLD logits/vocab",
+                "paper (logits/rank/sum, ULD top-10)", "GLD topk_probs/rank", "GLD probs/vocab", "CE+ULD offsets")
+    shown = ([n for n in key_arms if n in arms] + [n for n in names if n not in key_arms])[:8]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name in shown:
         history = arms[name][0]["history"]  # seed 0

@@ -2,8 +2,8 @@
 
 Timer: on CUDA the median and quantiles of ``triton.testing.do_bench`` (it flushes L2 between calls and
 synchronises); on CPU ``time.perf_counter`` around each call after warm-up, with the peak extra resident set
-(VmHWM, reset through /proc/self/clear_refs) since tracemalloc cannot see torch's allocations. Every result is
-one :data:`ROW_FIELDS` row, so the CSV files of all benchmarks read alike:
+(VmHWM, reset through /proc/self/clear_refs) since tracemalloc cannot see torch's allocations; :func:`timed` for
+one call. Every result is one :data:`ROW_FIELDS` row, so the CSV files of all benchmarks read alike:
 
     op, backend, mode, shape, p50_ms, p20_ms, p80_ms, peak_extra_mib, device, commit, date
 """
@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
@@ -54,20 +54,34 @@ def _quantile(samples, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> Timing:
-    """Wall-time quantiles of ``fn()`` on CPU and the peak extra resident memory over the timed calls."""
+def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5, memory: bool = True) -> Timing:
+    """Wall-time quantiles of ``fn()`` (perf_counter around each call) and, with ``memory``, the peak extra
+    resident memory over the timed calls (a garbage collection and two /proc reads per call: leave it off to
+    time many calls of microseconds)."""
     for _ in range(warmup):
         fn()
     times, peaks = [], []
     for _ in range(repeat):
-        gc.collect()
-        base = _status_kb("VmRSS")
-        _reset_peak_rss()
+        if memory:
+            gc.collect()
+            base = _status_kb("VmRSS")
+            _reset_peak_rss()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-        peaks.append((_status_kb("VmHWM") - base) * 1024)
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), max(peaks))
+        if memory:
+            peaks.append((_status_kb("VmHWM") - base) * 1024)
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
+                  max(peaks) if peaks else None)
+
+
+def timed(fn: Callable[[], object]) -> Tuple[object, float]:
+    """(``fn()``, its wall time in seconds) of one call; CUDA work is synchronised before the clock stops."""
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
 
 
 def time_cuda(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 40) -> Timing:

@@ -28,12 +28,13 @@ fi
 
 if want test; then
   step "GPU tests"
-  # the device-parametrised extension tests on CUDA, then every Triton/CUDA/DLF test file in full
-  python3 -m pytest tests/test_extension_ops.py -k cuda -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
-    | tee "$OUT/tests.log" | tail -15
+  # every test that runs on CUDA (marked gpu: the op tests' cuda-cuda and triton-cuda cases, the CUDA extremes,
+  # the Triton and DLF GPU cases), then the op tests in full (their CPU cases are quick)
+  python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  python3 -m pytest tests/test_cuda_kernels.py tests/test_triton.py tests/test_dlf.py -q -p no:cacheprovider \
-    ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/tests.log" | tail -30
+  python3 -m pytest tests/test_topk_degrees.py tests/test_sorted_gw1d.py tests/test_op_arguments.py \
+    tests/test_extension_ops.py tests/test_dlf.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    | tee -a "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -44,8 +45,9 @@ if want sanitize; then
 fi
 
 if want bench; then
-  step "GLD benchmarks"
-  python3 -m benchmarks.bench_gld_gpu --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gld.log" | tail -60
+  step "GLD op benchmarks"
+  python3 -m benchmarks.bench_topk_degrees --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_topk_degrees.log" | tail -80
 fi
 
 if want dlf; then

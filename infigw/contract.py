@@ -1,4 +1,8 @@
-"""What every backend of an op shares: the mode codes of the C++/CUDA schemas and the result type.
+"""What every backend of an op shares: the option codes, the kernels' k limit and the result type.
+
+The codes are those of ``csrc/contract.h`` (the one C++ copy; ``tests/test_contract.py`` keeps the two equal).
+The C++ schemas take the options as strings; the codes here serve the Triton kernels, whose constexpr mode
+arguments are these integers.
 
 An op implementation ("backend") is a plain Python callable registered in :mod:`infigw.dispatch`; all
 backends of one op take the same arguments and return the same thing:
@@ -6,20 +10,24 @@ backends of one op take the same arguments and return the same thing:
 ``topk_degrees(logits, row_graph, num_graphs, k, values, temperature, nodes, norm, deterministic)``
     logits (N, V) fp32/fp16/bf16; row_graph (N,) int64, graph index per row or -1 for a masked row.
     Returns :class:`TopKDegrees`; ``degrees`` is differentiable w.r.t. ``logits``.
-``coactivation_graph(kept_values, kept_ids, row_graph, num_graphs, nodes, norm)``
-    Returns ``(indices (3, nnz) int64, values (nnz,) f32)``: coalesced COO entries (graph, i, j), sorted.
-``sorted_l1(f, g)``
-    f, g (G, L) f32 descending zero-padded lists -> (G,) f32; differentiable in f and g.
 ``sorted_gw1d(x, y, lengths)``
     x, y (G, L) f32 descending lists, lengths (G,) int64 -> (G,) f32; differentiable in x and y.
+
+The callables trust their index arguments (infigw builds them): the compiled and Triton ops validate the data
+of direct calls, see ``csrc/op_checks.h``.
 """
 from typing import NamedTuple
 
 import torch
 
+#: values= -> code: how a kept logit becomes its node value (docs/math.md §2).
 VALUES = {"logits": 0, "probs": 1, "topk_probs": 2}
+#: nodes= -> code: a node is a vocabulary id or a rank slot.
 NODES = {"vocab": 0, "rank": 1}
+#: graph_norm= -> code (docs/math.md §3).
 NORMS = {"mean": 0, "sum": 1, "cosine": 2}
+#: The largest k of the CUDA kernels (kCudaMaxK of csrc/contract.h).
+CUDA_MAX_K = 256
 
 
 class TopKDegrees(NamedTuple):

@@ -11,11 +11,7 @@ import os
 import torch
 
 from . import dispatch
-from .contract import NODES, NORMS, VALUES, TopKDegrees, compute_dtype
-
-PROBS = VALUES["probs"]
-CUDA_MAX_K = 256  # kMaxK of csrc/cuda/common.cuh: the candidate buffer is sized for it
-VOCAB = NODES["vocab"]
+from .contract import CUDA_MAX_K, TopKDegrees, compute_dtype
 
 
 def _load_reason():
@@ -29,24 +25,18 @@ def _load_reason():
     return None
 
 
-def _code(table, name, argument):
-    try:
-        return table[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"{argument} must be one of {tuple(table)}, got {name!r}") from None
-
-
 # ---- op-level callables (signatures of infigw.contract) -------------------------------------------------
+# infigw builds their index arguments, so they skip the data scan (check_data=False: no host sync on CUDA).
 
 def topk_degrees(logits, row_graph, num_graphs, k, values, temperature, nodes, norm, deterministic):
     degrees, touched, kept_values, kept_ids, _ = torch.ops.infigw.topk_degrees(
-        logits, row_graph, int(num_graphs), int(k), _code(VALUES, values, "values"), float(temperature),
-        _code(NODES, nodes, "nodes"), _code(NORMS, norm, "graph_norm"), bool(deterministic))
+        logits, row_graph, int(num_graphs), int(k), values, float(temperature), nodes, norm, bool(deterministic),
+        False)
     return TopKDegrees(degrees, touched, kept_values, kept_ids)
 
 
 def sorted_gw1d(x, y, lengths):
-    return torch.ops.infigw.sorted_gw1d(x, y, lengths)
+    return torch.ops.infigw.sorted_gw1d(x, y, lengths, False)
 
 
 CALLABLES = {
@@ -59,63 +49,66 @@ CALLABLES = {
 
 def _register_fakes():
     @torch.library.register_fake("infigw::topk_degrees")
-    def _(logits, row_graph, num_graphs, k, values_mode, temperature, nodes_mode, norm_mode, deterministic):
+    def _(logits, row_graph, num_graphs, k, values, temperature, nodes, graph_norm, deterministic, check_data=True):
         rows, vocab = logits.shape
         acc = compute_dtype(logits.dtype)
-        num_nodes = vocab if nodes_mode == VOCAB else k
+        num_nodes = vocab if nodes == "vocab" else k
         return (
             logits.new_empty((num_graphs, num_nodes), dtype=acc),
             logits.new_empty((num_graphs, num_nodes), dtype=torch.bool),
             logits.new_empty((rows, k), dtype=acc),
             logits.new_empty((rows, k), dtype=torch.int64),
-            logits.new_empty((rows if values_mode == PROBS else 0,), dtype=acc),
+            logits.new_empty((rows if values != "logits" else 0,), dtype=acc),
         )
 
     @torch.library.register_fake("infigw::topk_degrees_backward")
-    def _(grad_degrees, logits, row_graph, kept_values, kept_ids, row_lse, num_graphs, values_mode, temperature,
-          nodes_mode, norm_mode):
+    def _(grad_degrees, logits, row_graph, kept_values, kept_ids, row_lse, num_graphs, values, temperature, nodes,
+          graph_norm, check_data=True):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("infigw::sorted_gw1d")
-    def _(x, y, lengths):
+    def _(x, y, lengths, check_data=True):
         return x.new_empty(x.shape[:1])
 
     @torch.library.register_fake("infigw::sorted_gw1d_backward")
-    def _(grad, x, y, lengths):
+    def _(grad, x, y, lengths, check_data=True):
         return x.new_empty(x.shape), y.new_empty(y.shape)
 
 
 # ---- autograd --------------------------------------------------------------------------------------------
 
+# The backward ops get the forward's own indices: no data scan (check_data=False).
+
 def _topk_degrees_setup(ctx, inputs, output):
-    logits, row_graph, num_graphs, _, values_mode, temperature, nodes_mode, norm_mode, _ = inputs
+    logits, row_graph, num_graphs, _, values, temperature, nodes, graph_norm = inputs[:8]
     _, touched, kept_values, kept_ids, row_lse = output
     ctx.save_for_backward(logits, row_graph, kept_values, kept_ids, row_lse)
-    ctx.modes = (num_graphs, values_mode, temperature, nodes_mode, norm_mode)
+    ctx.options = (num_graphs, values, temperature, nodes, graph_norm)
     ctx.mark_non_differentiable(touched, kept_values, kept_ids, row_lse)
 
 
 def _topk_degrees_backward(ctx, grad_degrees, *_):
     logits, row_graph, kept_values, kept_ids, row_lse = ctx.saved_tensors
     grad_logits = torch.ops.infigw.topk_degrees_backward(
-        grad_degrees, logits, row_graph, kept_values, kept_ids, row_lse, *ctx.modes)
-    return (grad_logits,) + (None,) * 8
+        grad_degrees, logits, row_graph, kept_values, kept_ids, row_lse, *ctx.options, False)
+    return (grad_logits,) + (None,) * 9
 
 
-def _pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _sorted_gw1d_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
 
 
 def _sorted_gw1d_backward(ctx, grad):
     x, y, lengths = ctx.saved_tensors
-    grad_x, grad_y = torch.ops.infigw.sorted_gw1d_backward(grad, x, y, lengths)
-    return grad_x, grad_y, None
+    grad_x, grad_y = torch.ops.infigw.sorted_gw1d_backward(grad, x, y, lengths, False)
+    return grad_x, grad_y, None, None
 
 
 def _register_autograd():
     torch.library.register_autograd(
         "infigw::topk_degrees", _topk_degrees_backward, setup_context=_topk_degrees_setup)
-    torch.library.register_autograd("infigw::sorted_gw1d", _sorted_gw1d_backward, setup_context=_pair_setup)
+    torch.library.register_autograd("infigw::sorted_gw1d", _sorted_gw1d_backward,
+                                   setup_context=_sorted_gw1d_setup)
 
 
 def _register_backends():

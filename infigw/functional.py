@@ -2,15 +2,12 @@
 
 Data flow of :func:`gld_loss`: student/teacher logits -> top-k selection and value transform -> per-graph node
 degrees (the co-activation graph is never formed) -> sort/compress -> closed-form distance -> reduction.
-The math is docs/math.md; the choices marked *ours* there are listed in the README.
-
-Conventions shared by every loss here:
+The math is docs/math.md; the choices marked *ours* there are listed in the README. Conventions of every loss:
 - student first, teacher second; the teacher is never differentiated;
 - ``labels`` (B, T) are aligned with the logits (label t is the target of logits[:, t]; shift beforehand) and
   give the valid positions ``labels != ignore_index``; alternatively an explicit bool ``mask``; neither = all valid;
-- teachers are dense logits (B, T', V_t), :class:`~infigw.TopKRecord` records, or a list of those; a teacher
-  whose length differs from the student's needs its own ``teacher_labels`` / ``teacher_mask`` (unless neither
-  side has labels or masks: then every position is valid on both);
+- teachers are dense logits (B, T', V_t), :class:`~infigw.TopKRecord` records, or a list of those; one of another
+  length needs its own ``teacher_labels`` / ``teacher_mask`` unless neither side has labels or masks;
 - inputs may be fp32, fp16 or bf16 (fp64 for gradcheck); all math is fp32 (fp64 for fp64 inputs);
 - ``reduction``: "mean" over included sequences (0 if none), "sum", or "none" (a per-graph vector). A sequence
   with no valid position on the student or the teacher side is excluded: loss 0, gradient 0, never NaN.
@@ -19,12 +16,12 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, objective, reference, uld
+from . import dispatch, distributed, objective, reference, uld
 from .checks import (check_choice, check_count, check_k, check_logits, check_optional_count, check_points,
                      check_same_device, check_temperature, valid_positions)
 from .contract import DISTANCES, NODES, NORMS, REDUCTIONS, SCOPES, VALUES, TopKDegrees, compute_dtype
 from .inputs import CallInputs, resolve
-from .summary import TopKSummary, summarize
+from .summary import TopKSummary
 from .teacher import TopKRecord, check_records_serve
 
 
@@ -67,28 +64,22 @@ def _degrees(teacher_or_student, valid, *, k, values, nodes, graph_norm, scope, 
     return result, row_graph, num_graphs
 
 
-def _has_rows(row_graph: torch.Tensor, num_graphs: int) -> torch.Tensor:
-    """(G,) bool: the graph has at least one valid row."""
-    counts = torch.zeros(num_graphs, device=row_graph.device, dtype=torch.long)
-    return counts.index_add(0, row_graph.clamp_min(0), (row_graph >= 0).long()) > 0
-
-
 def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_nodes, distance, temperature,
-              deterministic, backend, student: Optional[TopKSummary] = None):
+              deterministic, backend, student: Optional[TopKSummary] = None, degree_stage=None):
     """Per-teacher, per-graph GLD distances (S, G) and which of them are included (S, G); the student is its
-    dense logits or, given, its :class:`~infigw.summary.TopKSummary`."""
+    dense logits or, given, its :class:`~infigw.summary.TopKSummary`. ``degree_stage`` replaces :func:`_degrees`
+    (pooled graphs of :mod:`infigw.distributed`); a graph is present where it touches a node (has a valid row)."""
     options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope, temperature=temperature,
                    deterministic=deterministic, backend=backend)
-    student, row_graph, num_graphs = _degrees(inputs.student if student is None else student, inputs.valid,
-                                              **options)
+    degree_stage = degree_stage or _degrees
+    student = degree_stage(inputs.student if student is None else student, inputs.valid, **options)[0]
     f, f_counts = reference.sorted_degrees(student.degrees, student.touched, num_nodes)
-    student_present = _has_rows(row_graph, num_graphs)
     gw1d = dispatch.resolve("sorted_gw1d", backend, f.device)[1] if distance == "gw1d" else None
     terms, included = [], []
     for teacher, teacher_valid in zip(inputs.teachers, inputs.teacher_valids):
         with torch.no_grad():
-            result, teacher_rows, _ = _degrees(teacher if isinstance(teacher, TopKRecord) else teacher.detach(),
-                                               teacher_valid, **options)
+            result = degree_stage(teacher if isinstance(teacher, TopKRecord) else teacher.detach(), teacher_valid,
+                                  **options)[0]
             g, g_counts = reference.sorted_degrees(result.degrees, result.touched, num_nodes)
         width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
         f_pad, g_pad = reference.pad_to(f, width).to(dtype), reference.pad_to(g, width).to(dtype)
@@ -99,7 +90,7 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
             term = reference.sorted_l1(f_pad, g_pad)
             if distance == "mean_l1":
                 term = term / common.clamp_min(1).to(term.dtype)
-        both = student_present & _has_rows(teacher_rows, num_graphs)
+        both = student.touched.any(-1) & result.touched.any(-1)
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
     return torch.stack(terms), torch.stack(included)
@@ -227,7 +218,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
              nodes: str = "rank", graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
              distance: str = "mean_l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_granularity: str = "sequence", deterministic: bool = False,
-             backend: str = "auto", return_components: bool = False):
+             backend: str = "auto", return_components: bool = False, vocab_parallel_group=None,
+             data_parallel_group=None, num_items_in_batch=None):
     """Graph-on-Logits Distillation loss (InfiGFusion) between a student and one or several teachers.
 
     Args:
@@ -244,31 +236,31 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
         Defaults (ours, chosen by the fusion experiment, benchmarks/RESULTS.md): values="topk_probs",
             nodes="rank", graph_norm="mean", distance="mean_l1": bounded and scale-free; ``preset="paper"`` on
             the modules gives the paper-literal reading.
-        teacher_weights: None (uniform), S fixed weights >= 0, or uncertainty weights (ours, see
-            :mod:`infigw.weighting`): "uncertainty" (entropy of the teacher's top-k distribution) or "nll" (NLL
-            of its gold next tokens: needs teacher_labels, or the student's labels for a teacher sharing its
-            positions). weight_granularity: "sequence" | "token" (per aligned position, then averaged per graph).
+        teacher_weights: None (uniform), S fixed weights >= 0, "uncertainty" or "nll" (ours, see
+            :mod:`infigw.weighting`); weight_granularity: "sequence" | "token" (per aligned position).
         teacher_chars: per teacher, (B, T') characters covered by each position's target token: the weights'
             uncertainties become per character, comparable across tokenizers (ours; :mod:`infigw.weighting`).
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (see :mod:`infigw.dispatch`).
         return_components: also return a dict with per-teacher terms "gld" (S, G), "weights" (S, G) and
             "included" (S, G); at token granularity also "token_weights" (S, B, T) on the student positions.
+        vocab_parallel_group, data_parallel_group, num_items_in_batch: see :mod:`infigw.distributed`.
     Returns:
         The loss (scalar, or (G,) for reduction="none"); with ``return_components`` a ``(loss, dict)`` pair.
     """
     check_graph_options(values, nodes, graph_norm, scope, num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
-    inputs = resolve(student_logits, teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
+    parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction, scope)
+    inputs = resolve(parallel.student(student_logits), teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
                      teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity)
     check_records_serve(inputs.teachers, values=values, exact_probs=values == "probs", temperature=temperature)
     terms, included = gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
                                 num_nodes=num_nodes, distance=distance, temperature=temperature,
-                                deterministic=deterministic, backend=backend)
-    weights, token_weights = inputs.weighting.graph_weights(included, scope, inputs.granularity,
-                                                            lambda: inputs.partners)
-    loss = reduce((weights * terms).sum(0), included.any(0), reduction)
+                                deterministic=deterministic, backend=backend, degree_stage=parallel.degree_stage,
+                                student=parallel.sharded_summary(inputs, k, temperature, backend))
+    weights, token_weights = parallel.graph_weights(inputs, included, scope)
+    loss = parallel.reduce((weights * terms).sum(0), included.any(0), reduction)
     components = {"gld": terms.detach(), "weights": weights, "included": included}
     return _with_components(loss, components, token_weights, return_components)
 
@@ -277,14 +269,15 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
              teacher_chars=None, ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, record_tail: str = "zeros", pairing: str = "index", student_offsets=None,
              teacher_offsets=None, reduction: str = "mean", teacher_weights=None, weight_temperature: float = 1.0,
-             weight_k: int = 10, weight_granularity: str = "sequence", return_components: bool = False):
+             weight_k: int = 10, weight_granularity: str = "sequence", return_components: bool = False,
+             vocab_parallel_group=None, data_parallel_group=None, num_items_in_batch=None):
     """Universal Logit Distillation: sorted-probability L1 between paired student/teacher positions.
 
     ``pairing="index"``: the i-th valid student position of a sequence pairs with the i-th valid teacher position
     (up to the shorter count); ``"offsets"`` (ours, across tokenizers): the positions whose target tokens start at
     the same character (``student_offsets`` (B, T, 2), ``teacher_offsets`` per teacher: the target tokens'
-    character spans, e.g. from :mod:`infigw.records`). Full vocabulary by default: ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with
-    the smaller vocabulary zero-padded. ``top_k=m`` (InfiFusion v3 style; details ours): keep the top-m logits
+    character spans, e.g. from :mod:`infigw.records`). Full vocabulary by default:
+    ``sum_i |sort(softmax(x/T))_i - sort(softmax(y/T))_i|`` with the smaller vocabulary zero-padded. ``top_k=m`` (InfiFusion v3 style; details ours): keep the top-m logits
     of each side, optionally z-score them over the m entries (``standardize=True``), softmax over the m.
     Per sequence the pairs are averaged; ``reduction`` then acts over sequences as in :func:`gld_loss`.
     A TopKRecord teacher gives its kept probabilities (exact with a normaliser, else renormalised over the kept
@@ -296,21 +289,23 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     ``"token"`` (ours): one softmax over the teachers per paired student position t,
     ``L_b = (1 / n_b) sum_t sum_s w_{s,b,t} ULD_{s,b,t}`` over the n_b student positions with a pair.
     ``return_components``: also a dict with "uld" (S, B) per-teacher means, "weights" (S, B), "included" (S, B)
-    and, at token level, "token_weights" (S, B, T).
+    and, at token level, "token_weights" (S, B, T). Distributed arguments: see :mod:`infigw.distributed`.
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     check_count(weight_k, "weight_k")
-    inputs = resolve(student_logits, teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index,
+    parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction)
+    inputs = resolve(parallel.student(student_logits, dense=top_k is None), teacher_logits, labels, mask=mask,
+                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, teacher_chars=teacher_chars,
+                     ignore_index=ignore_index,
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity, weight_k=weight_k, pairing=pairing,
                      student_offsets=student_offsets, teacher_offsets=teacher_offsets)
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
     per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
-                             record_tail=record_tail)
+                             record_tail=record_tail, student=parallel.sharded_summary(inputs, top_k, temperature))
     per_sequence, mean_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
-    loss = reduce(per_sequence, included.any(0), reduction)
+    loss = parallel.reduce(per_sequence, included.any(0), reduction)
     components = {"uld": mean_terms.detach(), "weights": weights, "included": included}
     return _with_components(loss, components, token_weights, return_components)
 
@@ -320,9 +315,11 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
                      values: str = "topk_probs", nodes: str = "rank", graph_norm: str = "mean",
                      num_nodes: Optional[int] = None, distance: str = "mean_l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, record_tail: str = "zeros",
-                     pairing: str = "index", student_offsets=None, teacher_offsets=None, teacher_weights=None, weight_temperature: float = 1.0, weight_granularity: str = "sequence",
+                     pairing: str = "index", student_offsets=None, teacher_offsets=None, teacher_weights=None,
+                     weight_temperature: float = 1.0, weight_granularity: str = "sequence",
                      reduction: str = "mean", deterministic: bool = False, backend: str = "auto",
-                     return_components: bool = False):
+                     return_components: bool = False, vocab_parallel_group=None, data_parallel_group=None,
+                     num_items_in_batch=None):
     """The InfiGFusion objective ``(1 - lam) * CE + lam * sum_s w_s * (ULD_s + gamma * GLD_s)``.
 
     CE is the student's token-level cross-entropy on ``labels`` (aligned with the logits); ULD and GLD are per
@@ -332,30 +329,34 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     ``reduction``: "mean" (CE over valid tokens, the distillation over included sequences), "sum", "none"
     (per sequence). ``return_components``: also "ce", "uld" (S, B), "gld" (S, B), "weights" (S, B),
     "included" (S, B) and, at token level, "token_weights" (S, B, T). Defaults lam = 0.5, gamma = 1 are ours.
+    Distributed arguments (num_items_in_batch: an ItemCounts): see :mod:`infigw.distributed`.
     """
     if labels is None:
         raise ValueError("labels (B, T) are required: they define the cross-entropy target and the valid positions")
     check_graph_options(values, nodes, graph_norm, "sequence", num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
     objective.check_factors(lam, gamma)
-    inputs = resolve(student_logits, teacher_logits, labels, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
-                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
-                     weight_granularity=weight_granularity, pairing=pairing, student_offsets=student_offsets,
-                     teacher_offsets=teacher_offsets)
+    parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction,
+                                    both_counts=True)
+    inputs = resolve(parallel.student(student_logits, dense=lam != 0 and uld_top_k is None), teacher_logits, labels,
+                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, teacher_chars=teacher_chars,
+                     ignore_index=ignore_index, k=k, temperature=temperature, teacher_weights=teacher_weights,
+                     weight_temperature=weight_temperature, weight_granularity=weight_granularity, pairing=pairing,
+                     student_offsets=student_offsets, teacher_offsets=teacher_offsets)
     uld.check_options(inputs, uld_top_k, standardize, record_tail)
     distilled, graphs = lam != 0, lam != 0 and gamma != 0
     check_records_serve(inputs.teachers, values=values if graphs else None, temperature=temperature,
                         exact_probs=distilled and (uld_top_k is None or (graphs and values == "probs")))
     objective.check_labels(inputs, ignore_index)
     # one selection of the student feeds the cross-entropy, GLD and the top-k ULD
-    student = summarize(student_logits, inputs.valid, objective.summary_k(lam, gamma, k, uld_top_k), temperature,
-                        inputs.labels, backend)
+    student = parallel.summarize(inputs.valid, objective.summary_k(lam, gamma, k, uld_top_k), temperature,
+                                 inputs.labels, backend)
     per_position = uld.terms(inputs, temperature=temperature, top_k=uld_top_k, standardized=standardize,
                              record_tail=record_tail, student=student) if distilled else None
     gld_options = dict(k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope="sequence",
                        num_nodes=num_nodes, distance=distance, temperature=temperature, deterministic=deterministic,
                        backend=backend)
     loss, components, token_weights = objective.infigfusion(inputs, student, per_position, lam=lam, gamma=gamma,
-                                                            reduction=reduction, gld_options=gld_options)
+                                                            reduction=reduction, gld_options=gld_options,
+                                                            denominators=parallel.denominators)
     return _with_components(loss, components, token_weights, return_components)

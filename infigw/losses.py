@@ -30,7 +30,8 @@ def preset_options(name: str, loss_fn) -> dict:
 
 
 # Keyword arguments that describe one batch rather than the loss: given to forward, never stored.
-PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "teacher_chars", "student_offsets", "teacher_offsets")
+PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "teacher_chars", "student_offsets", "teacher_offsets",
+             "num_items_in_batch")
 
 
 class _ConfiguredLoss(torch.nn.Module):
@@ -77,7 +78,8 @@ class _ConfiguredLoss(torch.nn.Module):
 class GLDLoss(_ConfiguredLoss):
     """Graph-on-Logits Distillation loss; see :func:`infigw.functional.gld_loss` for every option.
 
-    ``forward(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None)``.
+    ``forward(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
+    num_items_in_batch=None)``.
     """
 
     loss_fn = staticmethod(F.gld_loss)
@@ -92,7 +94,8 @@ class ULDLoss(_ConfiguredLoss):
 class InfiGFusionLoss(_ConfiguredLoss):
     """``(1 - lam) * CE + lam * sum_s w_s (ULD_s + gamma * GLD_s)``; see :func:`infigw.functional.infigfusion_loss`.
 
-    ``forward(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None)``.
+    ``forward(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None,
+    num_items_in_batch=None)``.
     """
 
     loss_fn = staticmethod(F.infigfusion_loss)

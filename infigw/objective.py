@@ -28,7 +28,7 @@ def summary_k(lam: float, gamma: float, k: int, uld_top_k) -> int:
 
 
 def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, lam: float, gamma: float,
-                reduction: str, gld_options: dict):
+                reduction: str, gld_options: dict, denominators=None):
     """The objective's value, its components and the token weights (None at sequence granularity).
 
     Args:
@@ -36,6 +36,8 @@ def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, l
         uld_per_position: the (S, B, T) ULD terms (:func:`infigw.uld.terms`), or None when ``lam`` is 0.
     CE: mean over valid tokens ("mean"), per-sequence means ("none"), or the sum ("sum"). The distillation part
     is per sequence and reduced over the included sequences like :func:`infigw.functional.gld_loss`.
+    denominators: "mean"'s (tokens, sequences) from the local counts (default: those, at least 1); data-parallel
+    calls count the whole batch (:meth:`infigw.distributed.Parallel.denominators`).
     """
     batch = inputs.valid.shape[0]
     zeros = student.lse.new_zeros((len(inputs.teachers), batch))
@@ -57,8 +59,10 @@ def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, l
         ce = token_ce.sum()
         loss = (1 - lam) * ce + lam * distill.sum()
     else:
-        ce = token_ce.sum() / tokens.sum().clamp_min(1)
-        loss = (1 - lam) * ce + lam * functional.reduce(distill, included.any(0), "mean")
+        counts = tokens.sum(), included.any(0).sum()
+        tokens, sequences = denominators(*counts) if denominators else (count.clamp_min(1) for count in counts)
+        ce = token_ce.sum() / tokens
+        loss = (1 - lam) * ce + lam * distill.sum() / sequences
     components = {"ce": ce.detach(), "uld": uld_terms.detach(), "gld": gld_terms.detach(), "weights": weights,
                   "included": included}
     return loss, components, token_weights

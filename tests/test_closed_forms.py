@@ -1,4 +1,6 @@
-"""Stages 3-4: sort/compress and the closed forms, against loops, double sums and brute force."""
+"""Stages 3-4 of the reference: sort/compress and the closed forms, against loops, double sums and brute force.
+The properties every backend of sorted_gw1d owes (exact zero, never negative, precision) are in
+test_sorted_gw1d.py."""
 import itertools
 
 import pytest
@@ -37,6 +39,19 @@ def test_sorted_l1_matches_loop():
     f, h = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
     expected = torch.tensor([sum(abs(float(a) - float(b)) for a, b in zip(f[i], h[i])) for i in range(4)])
     assert_close(sorted_l1(f, h), expected, name="sorted L1")
+
+
+def test_sorted_l1_of_overflowed_degrees_is_never_nan():
+    """Degrees that overflowed fp32 (issue 14, defect 14): equal infinities count 0, an infinity against a finite
+    entry is infinite; no NaN in the value or the gradient."""
+    inf = float("inf")
+    f = torch.tensor([[inf, 2.0, 1.0], [inf, 1.0, 0.0], [3.0, 2.0, -inf]], requires_grad=True)
+    g = torch.tensor([[inf, 1.0, 1.0], [5.0, 1.0, 0.0], [3.0, 2.0, -inf]], requires_grad=True)
+    value = sorted_l1(f, g)
+    assert value.tolist() == [1.0, inf, 0.0]
+    grad_f, grad_g = torch.autograd.grad(value.sum(), (f, g))
+    assert grad_f.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert torch.equal(grad_g, -grad_f)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 31])
@@ -106,10 +121,3 @@ def test_closed_forms_gradcheck():
     torch.autograd.gradcheck(sorted_l1, (f, h))
     torch.autograd.gradcheck(lambda a, b: sorted_gw1d(a, b, torch.tensor([7, 5, 3])), (f, h))
     torch.autograd.gradcheck(lambda a, b: F.sorted_gw1d(a, b), (f, h))
-
-
-def test_gw1d_is_exactly_zero_and_never_negative_for_equal_sets():
-    g = torch.Generator().manual_seed(8)
-    x = (torch.randn(16, 40, generator=g) * 100 + 1e3).sort(-1, descending=True).values
-    out = sorted_gw1d(x, x.clone(), torch.full((16,), 40))
-    assert torch.equal(out, torch.zeros(16)), out

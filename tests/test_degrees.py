@@ -89,3 +89,41 @@ def test_degrees_gradcheck(norm):
     row_graph = torch.tensor([0, 0, 1, -1, 1])
     torch.autograd.gradcheck(
         lambda v: degrees_from_kept(v, ids, row_graph, 2, 5, "vocab", norm)[0], (kept,))
+
+
+def test_cosine_degrees_do_not_depend_on_a_scale_per_node():
+    """The cosine norm divides each node by its own diagonal, so scaling every value of a node by c_n changes
+    nothing, even where D = sum a^2 would underflow (c_n = 1e-30) or overflow (1e30) fp32; probability values pass
+    log a, which stays exact where a itself underflows (1e-60)."""
+    g = torch.Generator().manual_seed(6)
+    kept = torch.rand(8, 3, generator=g, dtype=torch.float64) + 0.5
+    ids = torch.tensor([[0, 1, 2], [2, 3, 0], [1, 2, 4], [4, 0, 3], [3, 1, 2], [0, 4, 1], [2, 0, 3], [1, 3, 4]])
+    row_graph = torch.tensor([0, 0, 1, -1, 1, 1, 0, 1])
+    base, touched = degrees_from_kept(kept, ids, row_graph, 2, 5, "vocab", "cosine")
+    node_scale = torch.tensor([1e-30, 1e30, 1.0, 1e-20, 1e25], dtype=torch.float64)
+    scaled = (kept * node_scale[ids]).float()
+    degrees, scaled_touched = degrees_from_kept(scaled, ids, row_graph, 2, 5, "vocab", "cosine")
+    assert torch.equal(touched, scaled_touched)
+    assert_close(degrees, base, atol=1e-6, rtol=1e-5, name="cosine degrees, scaled nodes")
+    logs = (kept.log() + torch.tensor([-138.0, 0.0, -5.0, -40.0, 0.0], dtype=torch.float64)[ids]).float()
+    base, _ = degrees_from_kept(kept, ids, row_graph, 2, 5, "vocab", "cosine")
+    degrees, _ = degrees_from_kept(logs.exp(), ids, row_graph, 2, 5, "vocab", "cosine", logs=logs)
+    assert_close(degrees, base, atol=1e-5, rtol=1e-5, name="cosine degrees from log values")
+
+
+def test_degrees_of_huge_values_overflow_to_inf_never_nan():
+    """Terms a_p[i] s_p of finite float32 values beyond ~1e19 exceed float32, and +inf and -inf terms can meet in
+    one degree: the sums are fp64, so a degree is at most +-inf in float32, never inf - inf."""
+    big = 3e38
+    values = torch.tensor([[big, big], [-big, big], [big, -big / 2]])
+    kept = values.clone().requires_grad_(True)
+    ids = torch.tensor([[0, 1], [0, 1], [0, 2]])
+    degrees, _ = degrees_from_kept(kept, ids, torch.tensor([0, 0, 0]), 1, 3, "vocab", "sum")
+    expected = torch.zeros(3, dtype=torch.float64)
+    for p in range(3):
+        for r in range(2):
+            expected[ids[p, r]] += float(values[p, r]) * float(values[p].double().sum())
+    assert not degrees.isnan().any()
+    assert torch.equal(degrees.detach(), expected.float().view(1, 3))
+    (grad,) = torch.autograd.grad(degrees.sum(), kept)
+    assert not grad.isnan().any()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from infigw.reference import rank_order, row_logsumexp, select_topk, transform_values
+from infigw.reference.select import log_values
 
 from .helpers import DTYPES, assert_close, tied_logits
 
@@ -61,6 +62,19 @@ def test_transforms_against_direct_formulas(temperature):
     assert_close(probs, full_softmax, atol=1e-6, name="probs")
     assert_close(transform_values(kept, "topk_probs", temperature), torch.softmax(kept / temperature, -1),
                  atol=1e-6, name="topk_probs")
+
+
+def test_log_values_are_the_logs_of_the_probability_values():
+    """log a_p stays finite where a_p underflows: the cosine norm scales by it (docs/math.md §3)."""
+    logits = torch.tensor([[0.0, -120.0, -200.0, 5.0]])
+    kept, _ = select_topk(logits, 4)
+    lse = row_logsumexp(logits, 0.5)
+    logs = log_values(kept, "probs", 0.5, lse)
+    assert torch.isfinite(logs).all() and transform_values(kept, "probs", 0.5, lse)[0, -1] == 0
+    assert_close(logs, kept / 0.5 - lse.unsqueeze(-1), atol=0, rtol=0, name="probs logs")
+    assert_close(log_values(kept, "topk_probs", 0.5).exp(), transform_values(kept, "topk_probs", 0.5), atol=0,
+                 rtol=0, name="topk_probs")
+    assert log_values(kept, "logits") is None
 
 
 def test_transform_rejects_unknown_mode_and_missing_lse():

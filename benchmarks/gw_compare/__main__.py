@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         os.environ[variable] = str(args.threads)
     import torch
 
+    from ..common import commit, timed
     from . import harness, report
 
     torch.set_num_threads(args.threads)
@@ -73,17 +74,15 @@ def main(argv=None) -> int:
         results, settings = report.load_run(args.render)
         return _finish(results, settings, args.render, args.plots or args.render, report)
 
-    start = time.perf_counter()
     results = harness.Results()
     results.notes.update(load_before=os.getloadavg()[0], threads=args.threads)
+    phases = (harness.run_timing, harness.run_agreement, harness.run_brute_force)
     with torch.no_grad():
-        for phase in (harness.run_timing, harness.run_agreement, harness.run_brute_force):
-            phase_start = time.perf_counter()
-            phase(settings, results)
-            results.notes[phase.__name__] = time.perf_counter() - phase_start
+        for phase in phases:
+            _, results.notes[phase.__name__] = timed(lambda: phase(settings, results))
     results.notes.update(
-        load_after=os.getloadavg()[0], elapsed=time.perf_counter() - start, machine=report.machine_description(),
-        commit=report.git_commit(),
+        load_after=os.getloadavg()[0], elapsed=sum(results.notes[p.__name__] for p in phases),
+        machine=report.machine_description(), commit=commit(),
         command=" ".join(["python -m benchmarks.gw_compare"] + [shlex.quote(a) for a in (argv or sys.argv[1:])]))
     report.save_run(results, settings, out)
     return _finish(results, settings, out, args.plots or out, report)

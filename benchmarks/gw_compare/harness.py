@@ -9,7 +9,6 @@ Every measurement is a row ``dict(experiment, pair, method, n, time_s, value, si
 turns rows into the CSV, the plots and the Markdown summary.
 """
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,6 +20,8 @@ import infigw.functional as F
 from infigw import dispatch, reference
 from infigw import exact_gw as gw
 from infigw.testing import SIMILARITY_LEVELS, logit_pair
+
+from ..common import time_cpu, timed
 
 # Method names (CSV "method" column).
 GLD_L1 = "gld_l1"              # the paper's sorted-degree L1 (GLD's default distance)
@@ -78,12 +79,6 @@ def _progress(iterable=None, *, total=None, desc: str, settings: Settings):
     return tqdm(iterable, total=total, desc=desc, disable=disable, mininterval=1.0)
 
 
-def _timed(fn: Callable):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def dense_pair(student: torch.Tensor, teacher: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Padded float64 dense co-activation graphs (C, D) of the first sequence of each side."""
     options = dict(k=k, nodes="vocab", graph_norm="mean", layout="dense")
@@ -96,7 +91,7 @@ def gld_values(student: torch.Tensor, teacher: torch.Tensor, k: int) -> Dict[str
     """{method: (value, seconds)} of GLD's two distances on the first sequence of each side (end to end)."""
     out = {}
     for method, distance in ((GLD_L1, "l1"), (GLD_GW1D, "gw1d")):
-        value, seconds = _timed(lambda: F.gld_loss(student[:1], teacher[:1], k=k, nodes="vocab", graph_norm="mean",
+        value, seconds = timed(lambda: F.gld_loss(student[:1], teacher[:1], k=k, nodes="vocab", graph_norm="mean",
                                                    distance=distance, reduction="none"))
         out[method] = (float(value[0]), seconds)
     return out
@@ -164,11 +159,11 @@ def _entropic(settings: Settings) -> Dict[str, Callable]:
 
 def _solve_all(C, D, settings: Settings) -> Dict[str, Tuple[gw.GWResult, float]]:
     solved = {
-        POT_CG: _timed(lambda: gw.pot_gw(C, D, init="product")),
-        POT_CG_DEGREE: _timed(lambda: gw.pot_gw(C, D, init="degree-sorted")),
+        POT_CG: timed(lambda: gw.pot_gw(C, D, init="product")),
+        POT_CG_DEGREE: timed(lambda: gw.pot_gw(C, D, init="degree-sorted")),
     }
     for method, solver in _entropic(settings).items():
-        solved[method] = _timed(lambda: solver(C, D))
+        solved[method] = timed(lambda: solver(C, D))
     return solved
 
 
@@ -238,9 +233,9 @@ def run_brute_force(settings: Settings, results: Results) -> None:
                 student, teacher, k, C, D = _small_graph_pair(level, vocab, settings.seed * 7919 + pair_id, rng)
                 n = C.shape[0]
                 gld = gld_values(student, teacher, k)
-                exact, t_exact = _timed(lambda: gw.brute_force_gw(C, D))
-                cg, t_cg = _timed(lambda: gw.pot_gw(C, D))
-                cg_degree, t_cg_degree = _timed(lambda: gw.pot_gw(C, D, init="degree-sorted"))
+                exact, t_exact = timed(lambda: gw.brute_force_gw(C, D))
+                cg, t_cg = timed(lambda: gw.pot_gw(C, D))
+                cg_degree, t_cg_degree = timed(lambda: gw.pot_gw(C, D, init="degree-sorted"))
                 exact_abs = gw.brute_force_gw(C, D, loss="abs")
                 couplings = dict(brute_force=exact.coupling, brute_force_abs=exact_abs.coupling, pot_cg=cg.coupling,
                                  pot_cg_degree_init=cg_degree.coupling, random=random_feasible_coupling(n, gen))
@@ -248,7 +243,7 @@ def run_brute_force(settings: Settings, results: Results) -> None:
                 _record_api_consistency(results, gld, bound, n)
                 # 1-D GW of the degree clouds: the closed form (as GLD computes it) against brute force.
                 f, g = C.sum(dim=1), D.sum(dim=1)
-                line, t_line = _timed(lambda: gw.brute_force_gw(gw.line_distance_matrix(f), gw.line_distance_matrix(g)))
+                line, t_line = timed(lambda: gw.brute_force_gw(gw.line_distance_matrix(f), gw.line_distance_matrix(g)))
                 closed = float(F.sorted_gw1d(f, g))
                 rows = [_row("brute_force", pair_id, m, n, t, v, level) for m, (v, t) in gld.items()]
                 rows += [_row("brute_force", pair_id, BRUTE_FORCE, n, t_exact, exact.value, level),
@@ -290,19 +285,13 @@ def timing_sizes(largest: int) -> List[int]:
 
 
 def measure(fn: Callable[[], object], min_time: float):
-    """(first result, seconds per call): one call if it takes >= min_time, else the best of 3 blocks of
-    repeated calls (the first call, which pays one-off costs, is then not counted)."""
-    result, first = _timed(fn)
+    """(first result, seconds per call): one call if it takes >= min_time, else the median of enough repeated
+    calls to fill min_time (the first call, which pays one-off costs, is then not counted)."""
+    result, first = timed(fn)
     if first >= min_time:
         return result, first
-    loops = max(1, int(min_time / max(first, 1e-7)))
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter() - start) / loops)
-    return result, best
+    repeat = max(3, int(min_time / max(first, 1e-7)))
+    return result, time_cpu(fn, warmup=0, repeat=repeat, memory=False).p50_ms / 1e3
 
 
 def timing_graphs(n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,6 +11,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..common import commit, device_name
 from .harness import (BRUTE_FORCE, EXACT, GLD_GW1D, GLD_L1, LINE_BRUTE_FORCE, LOWER_BOUND, POT_CG, POT_ENTROPIC,
                       SURROGATES, TORCH_ENTROPIC, BoundCheck, Results, Settings)
 
@@ -28,24 +27,9 @@ TITLES = {GLD_L1: "GLD sorted L1", LOWER_BOUND: "GLD sorted L1 / n² (GW₁ lowe
 
 
 def machine_description() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import ot
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{model} ({os.cpu_count()} cores){gpu}; torch {torch.__version__}, POT {ot.__version__}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    gpu = f", {device_name('cuda')}" if torch.cuda.is_available() else ""
+    return f"{device_name('cpu')}{gpu}; torch {torch.__version__}, POT {ot.__version__}"
 
 
 def save_run(results: Results, settings: Settings, directory: str) -> None:

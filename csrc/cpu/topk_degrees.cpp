@@ -1,10 +1,13 @@
 // CPU kernels of infigw::topk_degrees and infigw::topk_degrees_backward (schemas in csrc/ops.cpp, math in
-// shared/spec/GLD.md sections 2, 3 and 6).
+// docs/math.md §2, §3 and §6).
 //
 // Forward, one pass over each valid row (rows in parallel): a partial top-k selection that keeps a small
-// sorted buffer (k <= kBufferMaxK) or a nth_element pass (larger k), then (probs) the row logsumexp while the
-// row is still in cache, then the value transform. The degrees are then reduced per graph, each graph on one
-// thread in row order, so the result is deterministic for any thread count. Masked rows are never read.
+// sorted buffer (k <= kBufferMaxK) or a nth_element pass (larger k); for the probability values the logsumexp
+// (of the whole row for probs, while it is still in cache; of the k kept entries for topk_probs) and
+// a_p = exp(x / T - lse). The degrees are then reduced per graph, each graph on one thread in row order, so the
+// result is deterministic for any thread count. They accumulate in fp64: a contribution a_r s_p of finite fp32
+// logits can exceed fp32 (|logits| above ~1e19) but never fp64, so no degree becomes inf - inf = NaN; the fp32
+// result is then at most +-inf. Masked rows are never read.
 //
 // Backward: the gradient w.r.t. every kept value (N x k, per graph) and then one row-parallel pass that
 // writes the logits gradient directly: k entries per row for logits/topk_probs, the dense softmax row for
@@ -14,17 +17,22 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "cpu/graph_rows.h"
+#include "cpu/rows_by_graph.h"
+#include "formulas.h"
+#include "kernels.h"
+#include "op_checks.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -33,10 +41,6 @@
 namespace infigw {
 namespace cpu {
 namespace {
-
-constexpr int64_t kLogits = 0, kProbs = 1, kTopkProbs = 2;
-constexpr int64_t kVocab = 0;
-constexpr int64_t kMean = 0, kCosine = 2;
 
 // Above this k, insertion into a sorted buffer costs more than nth_element over the row.
 constexpr int64_t kBufferMaxK = 128;
@@ -204,20 +208,20 @@ void scaled_softmax_row(const scalar_t* row, int64_t vocab, acc_t temperature, a
   }
 }
 
-// Node values a_p from the kept logits (in place), as transform_values of the reference.
+// logsumexp(x / T) over the k kept entries in rank order (their maximum first), for topk_probs.
 template <typename acc_t>
-void transform_row(acc_t* vals, int64_t k, int64_t values_mode, acc_t temperature, acc_t lse) {
-  if (values_mode == kProbs) {
-    for (int64_t r = 0; r < k; ++r) vals[r] = std::exp(vals[r] / temperature - lse);
-  } else if (values_mode == kTopkProbs) {
-    const acc_t shift = vals[0] / temperature;  // the largest kept value (NaN propagates)
-    acc_t sum = 0;
-    for (int64_t r = 0; r < k; ++r) {
-      vals[r] = std::exp(vals[r] / temperature - shift);
-      sum += vals[r];
-    }
-    for (int64_t r = 0; r < k; ++r) vals[r] /= sum;
-  }
+acc_t kept_logsumexp(const acc_t* kept, int64_t k, acc_t temperature) {
+  const acc_t shift = kept[0] / temperature;  // NaN propagates; all -inf gives NaN, as log_softmax does
+  acc_t sum = 0;
+  for (int64_t r = 0; r < k; ++r) sum += std::exp(kept[r] / temperature - shift);
+  return shift + std::log(sum);
+}
+
+// log a_p of a kept logit x for the probability values: the one expression of forward and backward, so both
+// see the same bits.
+template <typename acc_t>
+inline acc_t log_value(acc_t x, acc_t temperature, acc_t lse) {
+  return x / temperature - lse;
 }
 
 // A fresh (N, V) gradient is faulted in 4 KiB pages on first touch, which costs several times more than
@@ -235,41 +239,120 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-inline int64_t node_of(int64_t nodes_mode, const int64_t* ids, int64_t r) { return nodes_mode == kVocab ? ids[r] : r; }
-
-// Cosine weights w_n = D_n^(-1/2) (0 where D_n = 0) of one graph into `weight` (num_nodes entries),
-// D_n = sum of a^2 over the graph's kept slots at node n.
+// The kept slots of all rows: values a (N, k), their logs for the probability values under the cosine norm
+// (else null), ids (N, k) and how a slot maps to a node.
 template <typename acc_t>
-void cosine_weights(const GraphRows& groups, int64_t g, const acc_t* kept, const int64_t* ids, int64_t k,
-                    int64_t nodes_mode, std::vector<acc_t>& weight) {
-  std::fill(weight.begin(), weight.end(), acc_t(0));
-  for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
-    const int64_t p = groups.rows[i];
-    for (int64_t r = 0; r < k; ++r) {
-      const acc_t a = kept[p * k + r];
-      weight[node_of(nodes_mode, ids + p * k, r)] += a * a;
+struct KeptSlots {
+  const acc_t* values;
+  const acc_t* logs;
+  const int64_t* ids;
+  int64_t k;
+  int nodes_mode;
+
+  int64_t node(int64_t p, int64_t r) const { return nodes_mode == kNodesVocab ? ids[p * k + r] : r; }
+  acc_t value(int64_t p, int64_t r) const { return values[p * k + r]; }
+  acc_t log(int64_t p, int64_t r) const { return logs ? logs[p * k + r] : acc_t(0); }
+};
+
+// The cosine normalisation of one graph (csrc/formulas.h): per node, the largest scale key M and Q^-1/2.
+template <typename acc_t>
+struct CosineScale {
+  std::vector<acc_t> node_max, inv_sqrt_q;
+  bool log_domain = false;
+
+  CosineScale(int64_t num_nodes, bool log_domain) : node_max(num_nodes), inv_sqrt_q(num_nodes), log_domain(log_domain) {}
+
+  void build(const RowsByGraph& groups, int64_t g, const KeptSlots<acc_t>& slots) {
+    std::fill(node_max.begin(), node_max.end(), log_domain ? -INFINITY : acc_t(0));
+    std::fill(inv_sqrt_q.begin(), inv_sqrt_q.end(), acc_t(0));
+    for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
+      const int64_t p = groups.rows[i];
+      for (int64_t r = 0; r < slots.k; ++r) {
+        const acc_t key = cosine_key(slots.value(p, r), slots.log(p, r), log_domain);
+        acc_t& m = node_max[slots.node(p, r)];
+        if (std::isnan(key) || key > m) m = key;  // NaN sticks
+      }
     }
+    for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
+      const int64_t p = groups.rows[i];
+      for (int64_t r = 0; r < slots.k; ++r) {
+        const acc_t u = unit(slots, p, r);
+        inv_sqrt_q[slots.node(p, r)] += u * u;  // Q, until the next loop
+      }
+    }
+    for (acc_t& q : inv_sqrt_q) q = inv_sqrt_or_zero(q);
   }
-  for (acc_t& w : weight) w = w > 0 ? acc_t(1) / std::sqrt(w) : acc_t(0);
+  acc_t unit(const KeptSlots<acc_t>& slots, int64_t p, int64_t r) const {
+    return cosine_unit(slots.value(p, r), slots.log(p, r), node_max[slots.node(p, r)], log_domain);
+  }
+  // The normalised node value b of a slot.
+  acc_t normalised(const KeptSlots<acc_t>& slots, int64_t p, int64_t r) const {
+    return unit(slots, p, r) * inv_sqrt_q[slots.node(p, r)];
+  }
+};
+
+// The node value a slot contributes with: b under the cosine norm, else a itself.
+template <typename acc_t>
+inline acc_t contributed(const KeptSlots<acc_t>& slots, const CosineScale<acc_t>* cosine, int64_t p, int64_t r) {
+  return cosine ? cosine->normalised(slots, p, r) : slots.value(p, r);
 }
 
+// Degrees d[n] = (1/c) sum_p b_r s_p of graph g into `deg` (fp64), and the touched nodes.
+template <typename acc_t>
+void degrees_of_graph(const RowsByGraph& groups, int64_t g, const KeptSlots<acc_t>& slots,
+                      const CosineScale<acc_t>* cosine, bool mean, std::vector<double>& deg, bool* touch,
+                      std::vector<double>& b) {
+  std::fill(deg.begin(), deg.end(), 0.0);
+  for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
+    const int64_t p = groups.rows[i];
+    double s = 0;
+    for (int64_t r = 0; r < slots.k; ++r) {
+      b[r] = contributed(slots, cosine, p, r);
+      s += b[r];
+    }
+    for (int64_t r = 0; r < slots.k; ++r) {
+      const int64_t n = slots.node(p, r);
+      deg[n] += b[r] * s;
+      touch[n] = true;
+    }
+  }
+  if (mean && groups.count(g) > 0) {
+    const double c = static_cast<double>(groups.count(g));
+    for (double& d : deg) d /= c;
+  }
+}
+
+// The probability values of one kept row in place: a_r = exp(x_r / T - lse), their logs into `logs` (if given).
+template <typename acc_t>
+void transform_row(acc_t* vals, int64_t k, acc_t temperature, acc_t lse, acc_t* logs) {
+  for (int64_t r = 0; r < k; ++r) {
+    const acc_t la = log_value(vals[r], temperature, lse);
+    if (logs) logs[r] = la;
+    vals[r] = std::exp(la);
+  }
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
-    const at::Tensor& logits, const GraphRows& groups, const int64_t* row_graph, int64_t num_graphs, int64_t k,
-    int64_t values_mode, double temperature_d, int64_t nodes_mode, int64_t norm_mode) {
+Outputs forward_impl(const at::Tensor& logits, const RowsByGraph& groups, const int64_t* row_graph, int64_t num_graphs,
+                     int64_t k, const Options& options, double temperature_d) {
   using acc_t = acc_type<scalar_t>;
   const at::ScalarType acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const int64_t num_nodes = nodes_mode == kVocab ? vocab : k;
+  const int64_t num_nodes = options.nodes == kNodesVocab ? vocab : k;
   const acc_t temperature = static_cast<acc_t>(temperature_d);
+  const bool probability = options.probability_values(), cosine = options.graph_norm == kNormCosine;
 
   at::Tensor kept_values = at::zeros({rows, k}, logits.options().dtype(acc_dtype));
   at::Tensor kept_ids = at::zeros({rows, k}, logits.options().dtype(at::kLong));
-  at::Tensor row_lse = at::zeros({values_mode == kProbs ? rows : 0}, logits.options().dtype(acc_dtype));
+  at::Tensor row_lse = at::zeros({probability ? rows : 0}, logits.options().dtype(acc_dtype));
   const scalar_t* x = logits.data_ptr<scalar_t>();
   acc_t* kept = kept_values.data_ptr<acc_t>();
   int64_t* ids = kept_ids.data_ptr<int64_t>();
   acc_t* lse = row_lse.data_ptr<acc_t>();
+  // cosine with probability values scales by log a (csrc/formulas.h)
+  std::vector<acc_t> kept_log(probability && cosine ? rows * k : 0);
 
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / vocab), [&](int64_t begin, int64_t end) {
     std::vector<std::pair<acc_t, int64_t>> scratch;
@@ -277,216 +360,197 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
     for (int64_t p = begin; p < end; ++p) {
       if (row_graph[p] < 0) continue;
       const scalar_t* row = x + p * vocab;
-      select_row(row, vocab, k, kept + p * k, ids + p * k, scratch);
-      if (values_mode == kProbs) lse[p] = row_logsumexp(row, vocab, kept[p * k], temperature, buffer);
-      transform_row(kept + p * k, k, values_mode, temperature, values_mode == kProbs ? lse[p] : acc_t(0));
+      acc_t* vals = kept + p * k;
+      select_row(row, vocab, k, vals, ids + p * k, scratch);
+      if (!probability) continue;
+      lse[p] = options.values == kValuesProbs ? row_logsumexp(row, vocab, vals[0], temperature, buffer)
+                                              : kept_logsumexp(vals, k, temperature);
+      transform_row(vals, k, temperature, lse[p], kept_log.empty() ? nullptr : kept_log.data() + p * k);
     }
   });
 
-  at::Tensor degrees = at::zeros({num_graphs, num_nodes}, logits.options().dtype(acc_dtype));
+  const KeptSlots<acc_t> slots{kept, kept_log.empty() ? nullptr : kept_log.data(), ids, k, options.nodes};
+  at::Tensor degrees = at::empty({num_graphs, num_nodes}, logits.options().dtype(acc_dtype));
   at::Tensor touched = at::zeros({num_graphs, num_nodes}, logits.options().dtype(at::kBool));
   acc_t* deg_all = degrees.data_ptr<acc_t>();
   bool* touched_all = touched.data_ptr<bool>();
   at::parallel_for(0, num_graphs, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<acc_t> weight(norm_mode == kCosine ? num_nodes : 0);
-    std::vector<acc_t> a(k);
+    std::vector<double> deg(num_nodes), b(k);
+    std::unique_ptr<CosineScale<acc_t>> scale;
+    if (cosine) scale.reset(new CosineScale<acc_t>(num_nodes, probability));
     for (int64_t g = g0; g < g1; ++g) {
-      acc_t* deg = deg_all + g * num_nodes;
-      bool* touch = touched_all + g * num_nodes;
-      if (norm_mode == kCosine) cosine_weights(groups, g, kept, ids, k, nodes_mode, weight);
-      for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
-        const int64_t p = groups.rows[i];
-        acc_t s = 0;
-        for (int64_t r = 0; r < k; ++r) {
-          a[r] = kept[p * k + r];
-          if (norm_mode == kCosine) a[r] *= weight[node_of(nodes_mode, ids + p * k, r)];
-          s += a[r];
-        }
-        for (int64_t r = 0; r < k; ++r) {
-          const int64_t n = node_of(nodes_mode, ids + p * k, r);
-          deg[n] += a[r] * s;
-          touch[n] = true;
-        }
-      }
-      if (norm_mode == kMean && groups.count(g) > 0) {
-        const acc_t c = static_cast<acc_t>(groups.count(g));
-        for (int64_t n = 0; n < num_nodes; ++n) deg[n] /= c;
-      }
+      if (scale) scale->build(groups, g, slots);
+      degrees_of_graph(groups, g, slots, scale.get(), options.graph_norm == kNormMean, deg,
+                       touched_all + g * num_nodes, b);
+      std::transform(deg.begin(), deg.end(), deg_all + g * num_nodes, [](double d) { return static_cast<acc_t>(d); });
     }
   });
   return {degrees, touched, kept_values, kept_ids, row_lse};
 }
 
-void check_forward_args(const at::Tensor& logits, int64_t k, int64_t values_mode, double temperature) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "logits must be float32, float16 or bfloat16, got ",
-                   logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must have shape (N, V), got ", logits.sizes());
-  TORCH_CHECK_VALUE(k >= 1 && k <= logits.size(1), "k must lie in [1, V=", logits.size(1), "], got ", k);
-  TORCH_CHECK_VALUE(values_mode >= 0 && values_mode <= 2,
-                    "values_mode must be 0 (logits), 1 (probs) or 2 (topk_probs), got ", values_mode);
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a positive finite number, got ",
-                    temperature);
-}
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_degrees_cpu(
-    const at::Tensor& logits, const at::Tensor& row_graph, int64_t num_graphs, int64_t k, int64_t values_mode,
-    double temperature, int64_t nodes_mode, int64_t norm_mode, bool deterministic) {
+Outputs topk_degrees(const at::Tensor& logits, const at::Tensor& row_graph, int64_t num_graphs, int64_t k,
+                     const std::string& values, double temperature, const std::string& nodes,
+                     const std::string& graph_norm, bool deterministic, bool check_data) {
   (void)deterministic;  // the CPU kernels are always deterministic
-  check_forward_args(logits, k, values_mode, temperature);
-  check_modes(nodes_mode, norm_mode);
-  check_row_graph(row_graph, logits.size(0), num_graphs);
+  (void)check_data;     // and always scan the indices they follow (cheap on CPU)
+  const Options options = parse_options(values, nodes, graph_norm);
+  check_logits(logits, /*allow_fp64=*/true);
+  check_row_graph(row_graph, logits, num_graphs);
+  check_k(k, logits.size(1), logits.size(1), "k");
+  check_temperature(temperature);
+  check_index_range(row_graph, "row_graph", -1, num_graphs);
   const at::Tensor x = logits.contiguous();
   const at::Tensor graph_of = row_graph.contiguous();
-  const GraphRows groups = group_rows(graph_of, num_graphs);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  const RowsByGraph groups = group_rows(graph_of, num_graphs);
+  Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "infigw_topk_degrees", [&] {
-    out = forward_impl<scalar_t>(x, groups, graph_of.data_ptr<int64_t>(), num_graphs, k, values_mode, temperature,
-                                 nodes_mode, norm_mode);
+    out = forward_impl<scalar_t>(x, groups, graph_of.data_ptr<int64_t>(), num_graphs, k, options, temperature);
   });
   return out;
 }
 
-// d loss / d a for every kept slot of the valid rows of graph g, into grad_kept (N x k).
-// mean/sum:  d[n_r] += a_r s / c         ->  ga_r = (gd[n_r] s + sum_r' gd[n_r'] a_r') / c
-// cosine:    with b = a w[n], d[n_r] += b_r S (S = sum b)  ->  gb_r = gd[n_r] S + sum_r' gd[n_r'] b_r',
-//            and through w_n = D_n^(-1/2), D_n = sum a^2:  ga_r = gb_r w_n - w_n^3 a_r H_n,
-//            H_n = sum over the graph's slots at n of gb * a.
+namespace {
+
+// The gradient w.r.t. the kept slots of graph g into grad_kept (N x k): dL/da for values="logits", dL/d(log a)
+// for the probability values (bounded where a is tiny; the logits gradient below needs only that).
+//   mean/sum: d[n_r] += a_r s / c        ->  dL/da_r = (gd[n_r] s + sum_r' gd[n_r'] a_r') / c
+//   cosine:   d[n_r] += b_r S (S = sum b) ->  gb_r = gd[n_r] S + sum_r' gd[n_r'] b_r', then through b = u Q^-1/2
+//             with z_n = sum over the graph's slots at n of gb b (cosine_input_grad of csrc/formulas.h).
 template <typename acc_t>
-void kept_gradients_of_graph(const GraphRows& groups, int64_t g, const acc_t* gd, const acc_t* kept,
-                             const int64_t* ids, int64_t k, int64_t nodes_mode, int64_t norm_mode, acc_t* grad_kept,
-                             std::vector<acc_t>& weight, std::vector<acc_t>& h) {
-  const bool cosine = norm_mode == kCosine;
-  if (cosine) {
-    cosine_weights(groups, g, kept, ids, k, nodes_mode, weight);
-    std::fill(h.begin(), h.end(), acc_t(0));
-  }
-  const int64_t rows_of_graph = std::max<int64_t>(1, groups.count(g));
-  const acc_t inv_c = norm_mode == kMean ? acc_t(1) / static_cast<acc_t>(rows_of_graph) : acc_t(1);
+void kept_gradients_of_graph(const RowsByGraph& groups, int64_t g, const acc_t* gd, const KeptSlots<acc_t>& slots,
+                             const Options& options, const CosineScale<acc_t>* cosine, std::vector<acc_t>& z,
+                             acc_t* grad_kept) {
+  const bool probability = options.probability_values();
+  const double inv_c =
+      options.graph_norm == kNormMean ? 1.0 / static_cast<double>(std::max<int64_t>(1, groups.count(g))) : 1.0;
+  if (cosine) std::fill(z.begin(), z.end(), acc_t(0));
   for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
     const int64_t p = groups.rows[i];
-    const int64_t* id = ids + p * k;
-    const acc_t* a = kept + p * k;
-    acc_t* ga = grad_kept + p * k;
-    acc_t s = 0, t = 0;
-    for (int64_t r = 0; r < k; ++r) {
-      const int64_t n = node_of(nodes_mode, id, r);
-      const acc_t b = cosine ? a[r] * weight[n] : a[r];
+    double s = 0, t = 0;  // fp64 like the forward's terms: s of huge logits may exceed fp32
+    for (int64_t r = 0; r < slots.k; ++r) {
+      const acc_t b = contributed(slots, cosine, p, r);
       s += b;
-      t += gd[n] * b;
+      t += gd[slots.node(p, r)] * static_cast<double>(b);
     }
-    for (int64_t r = 0; r < k; ++r) {
-      const int64_t n = node_of(nodes_mode, id, r);
-      ga[r] = (gd[n] * s + t) * inv_c;
-      if (cosine) h[n] += ga[r] * a[r];
+    for (int64_t r = 0; r < slots.k; ++r) {
+      const int64_t n = slots.node(p, r);
+      const acc_t gb = static_cast<acc_t>((gd[n] * s + t) * inv_c);
+      if (cosine) {
+        grad_kept[p * slots.k + r] = gb;
+        z[n] += gb * cosine->normalised(slots, p, r);
+      } else {
+        grad_kept[p * slots.k + r] = probability ? slots.value(p, r) * gb : gb;
+      }
     }
   }
   if (!cosine) return;
   for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) {
     const int64_t p = groups.rows[i];
-    for (int64_t r = 0; r < k; ++r) {
-      const int64_t n = node_of(nodes_mode, ids + p * k, r);
-      const acc_t w = weight[n];
-      grad_kept[p * k + r] = grad_kept[p * k + r] * w - w * w * w * kept[p * k + r] * h[n];
+    for (int64_t r = 0; r < slots.k; ++r) {
+      const int64_t n = slots.node(p, r);
+      acc_t& grad = grad_kept[p * slots.k + r];
+      grad = cosine_input_grad(grad, cosine->normalised(slots, p, r), z[n], cosine->inv_sqrt_q[n],
+                               cosine->node_max[n], cosine->log_domain);
     }
   }
 }
 
 template <typename scalar_t>
-at::Tensor backward_impl(const at::Tensor& grad_degrees, const at::Tensor& logits, const GraphRows& groups,
+at::Tensor backward_impl(const at::Tensor& grad_degrees, const at::Tensor& logits, const RowsByGraph& groups,
                          const int64_t* row_graph, const at::Tensor& kept_values, const at::Tensor& kept_ids,
-                         const at::Tensor& row_lse, int64_t num_graphs, int64_t values_mode, double temperature_d,
-                         int64_t nodes_mode, int64_t norm_mode) {
+                         const at::Tensor& row_lse, int64_t num_graphs, const Options& options, double temperature_d) {
   using acc_t = acc_type<scalar_t>;
   const int64_t rows = logits.size(0), vocab = logits.size(1), k = kept_ids.size(1);
   const int64_t num_nodes = grad_degrees.size(1);
   const acc_t temperature = static_cast<acc_t>(temperature_d);
+  const bool probability = options.probability_values(), cosine = options.graph_norm == kNormCosine;
   const acc_t* gd_all = grad_degrees.data_ptr<acc_t>();
   const acc_t* kept = kept_values.data_ptr<acc_t>();
   const int64_t* ids = kept_ids.data_ptr<int64_t>();
+  const scalar_t* x = logits.data_ptr<scalar_t>();
+  const acc_t* lse = probability ? row_lse.data_ptr<acc_t>() : nullptr;
 
+  // log a of every valid slot, recomputed from the logits as the forward computed it (cosine, probability values)
+  std::vector<acc_t> kept_log(probability && cosine ? rows * k : 0);
+  if (!kept_log.empty()) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / k), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        if (row_graph[p] < 0) continue;
+        for (int64_t r = 0; r < k; ++r)
+          kept_log[p * k + r] = log_value(static_cast<acc_t>(x[p * vocab + ids[p * k + r]]), temperature, lse[p]);
+      }
+    });
+  }
+  const KeptSlots<acc_t> slots{kept, kept_log.empty() ? nullptr : kept_log.data(), ids, k, options.nodes};
   std::vector<acc_t> grad_kept(static_cast<size_t>(rows * k), acc_t(0));
   at::parallel_for(0, num_graphs, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<acc_t> weight(norm_mode == kCosine ? num_nodes : 0), h(weight.size());
-    for (int64_t g = g0; g < g1; ++g)
-      kept_gradients_of_graph(groups, g, gd_all + g * num_nodes, kept, ids, k, nodes_mode, norm_mode,
-                              grad_kept.data(), weight, h);
+    std::unique_ptr<CosineScale<acc_t>> scale;
+    std::vector<acc_t> z(cosine ? num_nodes : 0);
+    if (cosine) scale.reset(new CosineScale<acc_t>(num_nodes, probability));
+    for (int64_t g = g0; g < g1; ++g) {
+      if (scale) scale->build(groups, g, slots);
+      kept_gradients_of_graph(groups, g, gd_all + g * num_nodes, slots, options, scale.get(), z, grad_kept.data());
+    }
   });
 
   at::Tensor grad_logits = at::empty({rows, vocab}, logits.options());
   advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
   scalar_t* out = grad_logits.data_ptr<scalar_t>();
-  // softmax (full row for probs, kept entries for topk_probs): dz_j = P_j (ga_j [j kept] - sum_r ga_r a_r)
-  std::vector<acc_t> dot(values_mode == kLogits ? 0 : rows, acc_t(0));
-  for (size_t p = 0; p < dot.size(); ++p)
-    for (int64_t r = 0; r < k; ++r) dot[p] += grad_kept[p * k + r] * kept[p * k + r];
-  const scalar_t* x = logits.data_ptr<scalar_t>();
-  const acc_t* lse = values_mode == kProbs ? row_lse.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / vocab), [&](int64_t begin, int64_t end) {
     std::vector<float> in, out_row;
     for (int64_t p = begin; p < end; ++p) {
       scalar_t* dst = out + p * vocab;
-      if (row_graph[p] < 0) {
-        std::fill(dst, dst + vocab, scalar_t(0));
-        continue;
-      }
-      if (values_mode == kProbs)  // the dense part -P_j dot / T
-        scaled_softmax_row(x + p * vocab, vocab, temperature, lse[p], -dot[p] / temperature, dst, in, out_row);
+      const acc_t* g = grad_kept.data() + p * k;
+      // through the softmax (full row for probs, kept entries for topk_probs), from g = dL/d(log a):
+      // dz_j = (g_j [j kept] - P_j sum_r g_r) / T
+      acc_t total = 0;
+      for (int64_t r = 0; probability && r < k; ++r) total += g[r];
+      if (row_graph[p] >= 0 && options.values == kValuesProbs)  // the dense part -P_j total / T
+        scaled_softmax_row(x + p * vocab, vocab, temperature, lse[p], -total / temperature, dst, in, out_row);
       else
         std::fill(dst, dst + vocab, scalar_t(0));
+      if (row_graph[p] < 0) continue;
       const acc_t* a = kept + p * k;
-      const acc_t* ga = grad_kept.data() + p * k;
       const int64_t* id = ids + p * k;
       for (int64_t r = 0; r < k; ++r)
-        dst[id[r]] = static_cast<scalar_t>(values_mode == kLogits ? ga[r] : a[r] * (ga[r] - dot[p]) / temperature);
+        dst[id[r]] = static_cast<scalar_t>(probability ? (g[r] - a[r] * total) / temperature : g[r]);
     }
   });
   return grad_logits;
 }
 
-at::Tensor topk_degrees_backward_cpu(const at::Tensor& grad_degrees, const at::Tensor& logits,
-                                     const at::Tensor& row_graph, const at::Tensor& kept_values,
-                                     const at::Tensor& kept_ids, const at::Tensor& row_lse, int64_t num_graphs,
-                                     int64_t values_mode, double temperature, int64_t nodes_mode, int64_t norm_mode) {
-  check_modes(nodes_mode, norm_mode);
-  const int64_t k = kept_ids.dim() == 2 ? kept_ids.size(1) : 0;
-  check_forward_args(logits, k, values_mode, temperature);
-  const int64_t rows = logits.size(0);
-  check_row_graph(row_graph, rows, num_graphs);
+}  // namespace
+
+at::Tensor topk_degrees_backward(const at::Tensor& grad_degrees, const at::Tensor& logits,
+                                 const at::Tensor& row_graph, const at::Tensor& kept_values, const at::Tensor& kept_ids,
+                                 const at::Tensor& row_lse, int64_t num_graphs, const std::string& values,
+                                 double temperature, const std::string& nodes, const std::string& graph_norm,
+                                 bool check_data) {
+  (void)check_data;  // the CPU kernels always scan the indices they follow
+  const Options options = parse_options(values, nodes, graph_norm);
+  check_logits(logits, /*allow_fp64=*/true);
+  check_row_graph(row_graph, logits, num_graphs);
+  check_temperature(temperature);
   const at::ScalarType acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t num_nodes = nodes_mode == kVocab ? logits.size(1) : k;
-  TORCH_CHECK_VALUE(grad_degrees.dim() == 2 && grad_degrees.size(0) == num_graphs && grad_degrees.size(1) == num_nodes,
-                    "grad_degrees must have shape (", num_graphs, ", ", num_nodes, "), got ", grad_degrees.sizes());
-  TORCH_CHECK_VALUE(kept_values.sizes() == kept_ids.sizes() && kept_ids.size(0) == rows,
-                    "kept_values and kept_ids must both have shape (", rows, ", k), got ", kept_values.sizes(), " and ",
-                    kept_ids.sizes());
-  TORCH_CHECK_TYPE(kept_values.scalar_type() == acc_dtype && kept_ids.scalar_type() == at::kLong,
-                   "kept_values must be ", acc_dtype, " and kept_ids int64, got ", kept_values.scalar_type(), " and ",
-                   kept_ids.scalar_type());
-  if (values_mode == kProbs)
-    TORCH_CHECK_VALUE(row_lse.dim() == 1 && row_lse.size(0) == rows && row_lse.scalar_type() == acc_dtype,
-                      "row_lse must have shape (", rows, ",) and dtype ", acc_dtype, " for values_mode=probs, got ",
-                      row_lse.sizes(), " ", row_lse.scalar_type());
+  check_kept(kept_values, kept_ids, row_lse, logits, acc_dtype, options);
+  const int64_t vocab = logits.size(1), k = kept_ids.size(1);
+  check_k(k, vocab, vocab, "kept_ids.size(1) (k)");
+  check_grad_degrees(grad_degrees, logits, num_graphs, options.nodes == kNodesVocab ? vocab : k);
+  check_index_range(row_graph, "row_graph", -1, num_graphs);
+  check_index_range(kept_ids, "kept_ids", 0, vocab);
   const at::Tensor graph_of = row_graph.contiguous();
-  const GraphRows groups = group_rows(graph_of, num_graphs);
+  const RowsByGraph groups = group_rows(graph_of, num_graphs);
   const at::Tensor gd = grad_degrees.to(acc_dtype).contiguous();
   const at::Tensor x = logits.contiguous();
-  const at::Tensor kv = kept_values.contiguous();
-  const at::Tensor ki = kept_ids.contiguous();
-  const at::Tensor lse = row_lse.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "infigw_topk_degrees_backward", [&] {
-    out = backward_impl<scalar_t>(gd, x, groups, graph_of.data_ptr<int64_t>(), kv, ki, lse, num_graphs, values_mode,
-                                  temperature, nodes_mode, norm_mode);
+    out = backward_impl<scalar_t>(gd, x, groups, graph_of.data_ptr<int64_t>(), kept_values.contiguous(),
+                                  kept_ids.contiguous(), row_lse.contiguous(), num_graphs, options, temperature);
   });
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CPU, m) {
-  m.impl("topk_degrees", &infigw::cpu::topk_degrees_cpu);
-  m.impl("topk_degrees_backward", &infigw::cpu::topk_degrees_backward_cpu);
-}

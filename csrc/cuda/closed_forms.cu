@@ -1,14 +1,14 @@
-// CUDA kernels of infigw::sorted_gw1d and its backward (schemas in csrc/ops.cpp):
-// thin bindings over closed_forms.cuh.
+// CUDA kernels of infigw::sorted_gw1d and its backward (schemas in csrc/ops.cpp): thin bindings over
+// closed_forms.cuh. The lengths are scanned only with check_data=true (a host sync); the kernels clamp them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <tuple>
 
 #include "bindings.h"
 #include "closed_forms.cuh"
+#include "kernels.h"
 
 namespace infigw {
 namespace cuda {
@@ -16,25 +16,16 @@ namespace {
 
 using at::Tensor;
 
-void check_lists(const Tensor& a, const char* name_a, const Tensor& b, const char* name_b) {
-  TORCH_CHECK_VALUE(a.is_cuda(), name_a, " must be a CUDA tensor, got one on ", a.device());
-  TORCH_CHECK_VALUE(a.dim() == 2, name_a, " must be 2-D (graphs, length), got shape ", a.sizes());
-  check_f32(a, name_a, a, a.sizes());
-  check_f32(b, name_b, a, a.sizes());
+void check_lists(const Tensor& x, const Tensor& y, const Tensor& lengths, bool check_data) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
+  check_point_lists(x, y, lengths, /*allow_fp64=*/false);
+  if (check_data) check_index_range(lengths, "lengths", 0, x.size(1) + 1);
 }
 
-void check_grad(const Tensor& grad, const Tensor& like) { check_f32(grad, "grad", like, {like.size(0)}); }
+}  // namespace
 
-void check_lengths(const Tensor& lengths, const Tensor& like) {
-  check_cuda(lengths, "lengths", like);
-  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, "lengths must be int64, got ", lengths.scalar_type());
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == like.size(0), "lengths must have shape (",
-                    like.size(0), ",), got ", lengths.sizes());
-}
-
-Tensor sorted_gw1d_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in) {
-  check_lists(x_in, "x", y_in, "y");
-  check_lengths(lengths_in, x_in);
+Tensor sorted_gw1d(const Tensor& x_in, const Tensor& y_in, const Tensor& lengths_in, bool check_data) {
+  check_lists(x_in, y_in, lengths_in, check_data);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), y = y_in.contiguous(), lengths = lengths_in.contiguous();
   Tensor out = at::empty({x.size(0)}, x.options());
@@ -45,13 +36,12 @@ Tensor sorted_gw1d_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& le
   return out;
 }
 
-std::tuple<Tensor, Tensor> sorted_gw1d_backward_cuda(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
-                                                     const Tensor& lengths_in) {
-  check_lists(x_in, "x", y_in, "y");
-  check_grad(grad_in, x_in);
-  check_lengths(lengths_in, x_in);
+std::tuple<Tensor, Tensor> sorted_gw1d_backward(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
+                                                const Tensor& lengths_in, bool check_data) {
+  check_lists(x_in, y_in, lengths_in, check_data);
+  check_point_grad(grad_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), y = y_in.contiguous();
+  const Tensor grad = grad_in.to(at::kFloat).contiguous(), x = x_in.contiguous(), y = y_in.contiguous();
   const Tensor lengths = lengths_in.contiguous();
   Tensor grad_x = at::empty_like(x), grad_y = at::empty_like(y);
   if (x.size(0) > 0) {
@@ -62,11 +52,5 @@ std::tuple<Tensor, Tensor> sorted_gw1d_backward_cuda(const Tensor& grad_in, cons
   return {grad_x, grad_y};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace infigw
-
-TORCH_LIBRARY_IMPL(infigw, CUDA, m) {
-  m.impl("sorted_gw1d", &infigw::cuda::sorted_gw1d_cuda);
-  m.impl("sorted_gw1d_backward", &infigw::cuda::sorted_gw1d_backward_cuda);
-}

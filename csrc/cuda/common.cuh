@@ -8,19 +8,16 @@
 
 #include <cstdint>
 
+#include "contract.h"
+#include "formulas.h"
+
 namespace infigw {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
-// Mode codes of csrc/ops.cpp.
-constexpr int kValuesLogits = 0, kValuesProbs = 1, kValuesTopkProbs = 2;
-constexpr int kNodesVocab = 0, kNodesRank = 1;
-constexpr int kNormMean = 0, kNormSum = 1, kNormCosine = 2;
-// The largest k the kernels support: a row's kept set lives in one block (one slot per thread) or in one
-// warp's registers (kMaxK / kWarp per lane).
-constexpr int kMaxK = 256;
-constexpr int kMaxKPerLane = kMaxK / kWarp;
+// A row's kept set lives in one block (one slot per thread) or in one warp's registers (this many per lane).
+constexpr int kMaxKPerLane = kCudaMaxK / kWarp;
 
 // ---- element types: raw bits, order-preserving keys, conversions ------------------------------------
 
@@ -49,48 +46,39 @@ struct Elem<float> {
   __device__ __forceinline__ static uint32_t bits_of(float v) { return __float_as_uint(v); }
 };
 
-template <>
-struct Elem<__half> {
+// The 16-bit formats share their keys; they differ in where infinity lies and in how their bits widen to fp32.
+template <typename T, uint32_t kInfBits>
+struct Elem16 {
   static constexpr int kKeyBits = 16;
   __device__ __forceinline__ static uint32_t key(uint32_t u) {
-    if ((u & 0x7fffu) > 0x7c00u) return 0xffffu;  // NaN
-    if (u == 0x8000u) u = 0;
+    if ((u & 0x7fffu) > kInfBits) return 0xffffu;  // NaN
+    if (u == 0x8000u) u = 0;                       // -0 -> +0
     return (u & 0x8000u) ? (~u & 0xffffu) : (u | 0x8000u);
   }
-  __device__ __forceinline__ static float to_float(uint32_t u) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
-  }
-  __device__ __forceinline__ static float from_key(uint32_t k) {
+  // Inverse of key() (up to the -0 and NaN canonicalisation), as raw bits.
+  __device__ __forceinline__ static uint32_t bits_of_key(uint32_t k) {
     k &= 0xffffu;
-    return to_float((k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu));
+    return (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu);
   }
-  __device__ __forceinline__ static uint32_t load_bits(const __half* p) {
+  __device__ __forceinline__ static uint32_t load_bits(const T* p) {
     return *reinterpret_cast<const unsigned short*>(p);
-  }
-  __device__ __forceinline__ static uint32_t bits_of(float v) {
-    return __half_as_ushort(__float2half_rn(v));
   }
 };
 
 template <>
-struct Elem<__nv_bfloat16> {
-  static constexpr int kKeyBits = 16;
-  __device__ __forceinline__ static uint32_t key(uint32_t u) {
-    if ((u & 0x7fffu) > 0x7f80u) return 0xffffu;  // NaN
-    if (u == 0x8000u) u = 0;
-    return (u & 0x8000u) ? (~u & 0xffffu) : (u | 0x8000u);
+struct Elem<__half> : Elem16<__half, 0x7c00u> {
+  __device__ __forceinline__ static float to_float(uint32_t u) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
   }
+  __device__ __forceinline__ static float from_key(uint32_t k) { return to_float(bits_of_key(k)); }
+  __device__ __forceinline__ static uint32_t bits_of(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16, 0x7f80u> {
   __device__ __forceinline__ static float to_float(uint32_t u) { return __uint_as_float(u << 16); }
-  __device__ __forceinline__ static float from_key(uint32_t k) {
-    k &= 0xffffu;
-    return to_float((k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu));
-  }
-  __device__ __forceinline__ static uint32_t load_bits(const __nv_bfloat16* p) {
-    return *reinterpret_cast<const unsigned short*>(p);
-  }
-  __device__ __forceinline__ static uint32_t bits_of(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
+  __device__ __forceinline__ static float from_key(uint32_t k) { return to_float(bits_of_key(k)); }
+  __device__ __forceinline__ static uint32_t bits_of(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
 
 // 16-byte vectors: kVec elements per uint4, element j's bits extracted from the little-endian words.
@@ -173,6 +161,13 @@ __device__ __forceinline__ A block_sum1(A v, A* scratch) {
 }
 
 // ---- small utilities --------------------------------------------------------------------------------
+
+// atomicMax for floats of either sign on a buffer initialised to 0 or -inf: non-negative floats order like their
+// bits as signed ints, negative ones in reverse of their bits as unsigned ints. Order-free, so deterministic.
+__device__ __forceinline__ void atomic_max_float(float* address, float v) {
+  if (v >= 0.f) atomicMax(reinterpret_cast<int*>(address), __float_as_int(v));
+  else atomicMin(reinterpret_cast<unsigned int*>(address), __float_as_uint(v));
+}
 
 // First position in sorted[0, n) whose value is >= key.
 __device__ __forceinline__ int64_t lower_bound(const int64_t* sorted, int64_t n, int64_t key) {

@@ -93,7 +93,8 @@ def collate(examples: Sequence[Example], *, pad_to: Optional[int] = None, index_
     def span(value):
         return -1 if value is None else value
 
-    record = TopKRecord(values, indices, metadata.vocab_size, logsumexp, float(metadata.temperature), metadata.kind)
+    normaliser = logsumexp if metadata.kind == "logits" else None  # log-probabilities carry their own (0)
+    record = TopKRecord(values, indices, metadata.vocab_size, normaliser, float(metadata.temperature), metadata.kind)
     return RecordBatch(record, valid, labels, offsets,
                        torch.tensor([span(e.response_start) for e in examples], dtype=torch.int64),
                        torch.tensor([span(e.response_end) for e in examples], dtype=torch.int64),

@@ -35,35 +35,35 @@ def pad_to(lists: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def sorted_l1(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_i |f_i - g_i| per row of two (G, L) descending zero-padded lists; d|u|/du = sign(u), 0 at 0."""
-    dtype = compute_dtype(f.dtype)
-    return (f.to(dtype) - g.to(dtype)).abs().sum(-1)
+    """sum_i |f_i - g_i| per row of two (G, L) descending zero-padded lists; d|u|/du = sign(u), 0 at 0.
 
-
-def _cross(a, b, n):
-    """sum_{i,j} (a_i - a_j)^2 (b_i - b_j)^2 for paired points a_i, b_i, from power sums (docs/math.md §4)."""
-    a2, b2 = a * a, b * b
-    sa1, sa2, sb1, sb2 = a.sum(-1), a2.sum(-1), b.sum(-1), b2.sum(-1)
-    return 2 * sa2 * sb2 + 2 * (n * (a2 * b2).sum(-1) - 2 * sb1 * (a2 * b).sum(-1)
-                                - 2 * sa1 * (a * b2).sum(-1) + 2 * (a * b).sum(-1).pow(2))
-
-
-def _matching_cost(x, y, n):
-    """cost(x, y) = sum_{i,j} ((x_i - x_j)^2 - (y_i - y_j)^2)^2 for the pairing x_i <-> y_i.
-
-    Each term factors as (d_i - d_j)^2 (s_i - s_j)^2 with d = x - y, s = x + y, so the cost is the cross sum of
-    (d, s): algebraically the contract's S4(x) + S4(y) - 2 X(x, y), but exactly 0 when x = y and free of that
-    form's cancellation between two large quartic terms.
+    Equal entries count 0, equal infinities included: degrees that overflowed fp32 give an infinite distance
+    against a finite one, never inf - inf = NaN.
     """
-    return _cross(x - y, x + y, n)
+    dtype = compute_dtype(f.dtype)
+    f, g = f.to(dtype), g.to(dtype)
+    return torch.where(f == g, torch.zeros((), dtype=dtype, device=f.device), f - g).abs().sum(-1)
+
+
+def _matching_cost(d, s, n):
+    """sum_{i,j} (d_i - d_j)^2 (s_i - s_j)^2 of centred d, s (zero beyond the n points), from power sums.
+
+    With sum d = sum s = 0 only non-negative terms remain (csrc/formulas.h, docs/math.md §4).
+    """
+    dd, ss = d * d, s * s
+    return 2 * dd.sum(-1) * ss.sum(-1) + 2 * n * (dd * ss).sum(-1) + 4 * (d * s).sum(-1).pow(2)
 
 
 def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """1-D GW closed form between descending lists whose first ``lengths[g]`` entries are the points.
 
-    (1/n^2) * min(cost(x, y), cost(x, reversed y)) with cost(x, y) = sum_{i,j} ((x_i-x_j)^2 - (y_i-y_j)^2)^2,
-    from fp64 power sums of the centred points (see :func:`_matching_cost`); 0 where n = 0. The gradient follows the chosen
-    matching (identity on a tie).
+    (1/n^2) * min(cost(x, y), cost(x, reversed y)) with cost(x, y) = sum_{i,j} ((x_i-x_j)^2 - (y_i-y_j)^2)^2.
+    Each term factors into (d_i - d_j)^2 (s_i - s_j)^2 with d = x - y, s = x + y of the matched pairs, and the
+    cost is translation invariant in d and in s: both are centred in fp64, after which the power-sum expansion
+    has only non-negative terms (:func:`_matching_cost`): exactly 0 when x = y, never negative, and free of the
+    cancellation of the S4(x) + S4(y) - 2 X(x, y) form. 0 where n = 0; +inf where a list holds an infinite point
+    (NaN where it holds a NaN), with no gradient through such a list. The gradient follows the chosen matching
+    (identity on a tie).
 
     Args:
         x, y: (G, L) f32, descending within the first n entries. lengths: (G,) int64, 0 <= n <= L.
@@ -71,22 +71,27 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torc
         (G,) f32.
     """
     width = x.shape[-1]
-    n = lengths.to(torch.float64).unsqueeze(-1)
     position = torch.arange(width, device=x.device)
     inside = position < lengths.unsqueeze(-1)
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    n = lengths.to(torch.float64)
+    xd = torch.where(inside, x.double(), zero)
+    yd = torch.where(inside, y.double(), zero)
+    finite = torch.isfinite(xd).all(-1) & torch.isfinite(yd).all(-1)
+    xd = torch.where(finite.unsqueeze(-1), xd, zero)  # no NaN into the sums (and their gradient) of such lists
+    yd = torch.where(finite.unsqueeze(-1), yd, zero)
 
     def centred(a):
-        a = torch.where(inside, a.double(), zero)
-        mean = a.sum(-1, keepdim=True) / n.clamp_min(1)
+        mean = a.sum(-1, keepdim=True) / n.clamp_min(1).unsqueeze(-1)
         return torch.where(inside, a - mean, zero)
 
-    xc, yc = centred(x), centred(y)
+    def cost(partner):
+        return _matching_cost(centred(xd - partner), centred(xd + partner), n)
+
     # anti-identity: y reversed within its first n entries
     reversed_index = torch.where(inside, lengths.unsqueeze(-1) - 1 - position, position)
-    yc_rev = yc.gather(-1, reversed_index)
-    n = n.squeeze(-1)
-    identity = _matching_cost(xc, yc, n)
-    anti = _matching_cost(xc, yc_rev, n)
-    best = torch.where(identity <= anti, identity, anti)
-    return torch.where(n > 0, best / n.clamp_min(1).pow(2), zero).to(compute_dtype(x.dtype))
+    identity, anti = cost(yd), cost(yd.gather(-1, reversed_index))
+    best = torch.where(identity <= anti, identity, anti) / n.clamp_min(1).pow(2)
+    has_nan = (torch.isnan(x) & inside).any(-1) | (torch.isnan(y) & inside).any(-1)
+    best = torch.where(finite, best, torch.where(has_nan, float("nan"), float("inf")))
+    return torch.where(n > 0, best, zero).to(compute_dtype(x.dtype))

@@ -59,19 +59,30 @@ def row_logsumexp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.logsumexp(logits.to(compute_dtype(logits.dtype)) / temperature, dim=-1)
 
 
+def log_values(kept: torch.Tensor, values: str, temperature: float = 1.0, row_lse=None):
+    """log a_p of the probability values, ``kept / T - lse`` (..., k), in fp32 (fp64 for fp64 input); None for
+    ``values="logits"``.
+
+    ``probs``: ``lse`` is ``row_lse``, the full-row logsumexp of ``logits / T`` (required). ``topk_probs`` (ours):
+    the logsumexp of the k kept entries. Every backend forms a_p = exp(log a_p) from this one expression.
+    """
+    if values not in VALUES:
+        raise ValueError(f"values must be one of {tuple(VALUES)}, got {values!r}")
+    if values == "logits":
+        return None
+    scaled = kept.to(compute_dtype(kept.dtype)) / temperature
+    if values == "probs":
+        if row_lse is None:
+            raise ValueError("values='probs' needs the full-row logsumexp (row_lse)")
+        return scaled - row_lse.unsqueeze(-1)
+    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+
+
 def transform_values(kept: torch.Tensor, values: str, temperature: float = 1.0, row_lse=None) -> torch.Tensor:
     """Node values a_p from the kept entries (..., k), in fp32 (fp64 for fp64 input).
 
     ``logits``: the kept logits. ``probs``: ``exp(kept / T - row_lse)`` with ``row_lse`` the full-row
     logsumexp of ``logits / T`` (required). ``topk_probs`` (ours): softmax of ``kept / T`` over the k kept.
     """
-    kept = kept.to(compute_dtype(kept.dtype))
-    if values == "logits":
-        return kept
-    if values == "probs":
-        if row_lse is None:
-            raise ValueError("values='probs' needs the full-row logsumexp (row_lse)")
-        return torch.exp(kept / temperature - row_lse.unsqueeze(-1))
-    if values == "topk_probs":
-        return torch.softmax(kept / temperature, dim=-1)
-    raise ValueError(f"values must be one of {tuple(VALUES)}, got {values!r}")
+    logs = log_values(kept, values, temperature, row_lse)
+    return kept.to(compute_dtype(kept.dtype)) if logs is None else logs.exp()

@@ -8,7 +8,9 @@ micro-batch contributes its *sums* divided by the *global* counts::
     loss_micro = (1 - lam) * CE_sum(micro) / tokens(all) + lam * distill_sum(micro) / sequences(all)
 
 and summing these over micro-batches and ranks gives exactly the big batch's loss (its gradient too: the
-teacher weights are per sequence, detached). ``tokens`` counts the shifted targets (labels[:, 1:] != -100, packed
+teacher weights are per sequence, detached). The loss itself is :func:`infigw.functional.infigfusion_loss` with
+``num_items_in_batch=ItemCounts(tokens, sequences)`` (:mod:`infigw.distributed`); here the counts are known
+before any forward pass, from the student's targets alone: ``tokens`` counts the shifted targets (labels[:, 1:] != -100, packed
 boundaries excluded); ``sequences`` the sequences (packed rows split) with at least one target. A sequence that
 has targets but no teacher position contributes 0 to the distillation sum and still counts, so the count is
 known before any forward pass.
@@ -19,12 +21,13 @@ import torch
 import torch.nn.functional as torch_F
 
 from .. import functional
+from ..distributed import ItemCounts
 from ..losses import InfiGFusionLoss
 from .batch import IGNORE_INDEX, sequence_view, sequences_of, shifted_targets
 from .teachers import TeacherOutput
 
 # Options of infigfusion_loss this objective sets itself.
-_OWN = ("lam", "reduction", "return_components")
+_OWN = ("lam", "reduction", "return_components", "num_items_in_batch")
 
 
 def count_items(batch: dict) -> torch.Tensor:
@@ -84,25 +87,26 @@ class FusionObjective:
             pairing["student_offsets"] = sequences_of(batch["offsets"][:, 1:], view, -1)
         if counts is None:
             counts = count_items(batch)
-        tokens, sequences = counts[0].clamp_min(1), counts[1].clamp_min(1)
-        ce_sum = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
-        loss = (1 - self.lam) * ce_sum / tokens.to(ce_sum.dtype)
-        logs = {"ce": ce_sum.detach() / (targets != IGNORE_INDEX).sum().clamp_min(1)}
-        if self.lam != 0 and teachers:
-            teachers = [TeacherOutput(*teacher) for teacher in teachers]
-            self._check_teachers(teachers, logits.shape[0])
-            spans = [t.offsets for t in teachers]
-            known = all(s is not None for s in spans)
-            if pairing:
-                if not known:
-                    raise ValueError("pairing='offsets' needs every teacher's target offsets (TeacherOutput.offsets)")
-                pairing["teacher_offsets"] = spans
-            distill, parts = functional.infigfusion_loss(
-                logits, [t.logits for t in teachers], targets, teacher_labels=[t.targets for t in teachers],
-                teacher_chars=[t.chars for t in teachers] if known else None, lam=1.0, reduction="none",
-                return_components=True, **pairing, **self.options)
-            loss = loss + self.lam * distill.sum() / sequences.to(distill.dtype)
+        local_tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        if not teachers:  # plain supervised fine-tuning: the CE share alone
+            ce_sum = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum")
+            return StepTerms((1 - self.lam) * ce_sum / counts[0].clamp_min(1), {"ce": ce_sum.detach() / local_tokens})
+        teachers = [TeacherOutput(*teacher) for teacher in teachers]
+        self._check_teachers(teachers, logits.shape[0])
+        spans = [t.offsets for t in teachers]
+        known = all(s is not None for s in spans)
+        if pairing:
+            if not known:
+                raise ValueError("pairing='offsets' needs every teacher's target offsets (TeacherOutput.offsets)")
+            pairing["teacher_offsets"] = spans
+        # the step's share: CE summed / the step's tokens, distillation summed / the step's sequences
+        loss, parts = functional.infigfusion_loss(
+            logits, [t.logits for t in teachers], targets, teacher_labels=[t.targets for t in teachers],
+            teacher_chars=[t.chars for t in teachers] if known else None, lam=self.lam, reduction="mean",
+            num_items_in_batch=ItemCounts(counts[0], counts[1]), return_components=True, **pairing, **self.options)
+        logs = {"ce": parts["ce"] * counts[0].clamp_min(1).to(parts["ce"].dtype) / local_tokens}
+        if self.lam != 0:
             logs.update(self._component_logs(parts))
         return StepTerms(loss, logs)
 

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from infigw import InfiGFusionLoss  # noqa: E402
-from infigw.train import (FusionCollator, FusionObjective, FusionTrainer, OnlineTeacher, count_items,  # noqa: E402
+from infigw.train import (FusionCollator, FusionObjective, FusionTrainer, OnlineTeacher, count_targets,  # noqa: E402
                           shifted_targets)
 from infigw.train.toy import tiny_llama, train_tokenizer  # noqa: E402
 
@@ -125,8 +125,8 @@ def test_micro_batch_shares_add_up_to_the_big_batch(tokenizers, teachers, option
     expected = objective(student_logits(whole), whole, _teacher_outputs(teachers, whole)).loss
     (expected_grad,) = torch.autograd.grad(expected, logits["w"])
     micro = [collator(examples[:2]), collator(examples[2:])]
-    counts = sum(count_items(batch) for batch in micro)
-    assert counts.tolist() == count_items(whole).tolist()
+    counts = sum(count_targets(batch) for batch in micro)
+    assert (counts.tokens, counts.sequences) == (count_targets(whole).tokens, count_targets(whole).sequences)
     total = sum(objective(student_logits(b), b, _teacher_outputs(teachers, b), counts).loss for b in micro)
     (grad,) = torch.autograd.grad(total, logits["w"])
     assert_close(total, expected, name="loss")
@@ -146,7 +146,8 @@ def test_packed_rows_are_split_into_sequences(tokenizers, teachers):
     outputs = _teacher_outputs(teachers, padded)
     expected = objective(table[padded["input_ids"]], padded, outputs)
     actual = objective(table[packed["input_ids"]], packed, outputs)
-    assert count_items(packed).tolist() == count_items(padded).tolist()
+    assert (count_targets(packed).tokens, count_targets(packed).sequences) == (
+        count_targets(padded).tokens, count_targets(padded).sequences)
     assert_close(actual.loss, expected.loss, name="packed loss")
     # the boundary between two packed sequences is never a target
     targets = shifted_targets(packed["labels"], packed["position_ids"])

@@ -9,11 +9,10 @@ micro-batch contributes its *sums* divided by the *global* counts::
 
 and summing these over micro-batches and ranks gives exactly the big batch's loss (its gradient too: the
 teacher weights are per sequence, detached). The loss itself is :func:`infigw.functional.infigfusion_loss` with
-``num_items_in_batch=ItemCounts(tokens, sequences)`` (:mod:`infigw.distributed`); here the counts are known
-before any forward pass, from the student's targets alone: ``tokens`` counts the shifted targets (labels[:, 1:] != -100, packed
-boundaries excluded); ``sequences`` the sequences (packed rows split) with at least one target. A sequence that
-has targets but no teacher position contributes 0 to the distillation sum and still counts, so the count is
-known before any forward pass.
+``num_items_in_batch=ItemCounts(tokens, sequences)`` (:mod:`infigw.distributed`), the counts taken from the
+student's targets alone, so they are known before any forward pass: ``tokens`` counts the shifted targets
+(labels[:, 1:] != -100, packed boundaries excluded), ``sequences`` the sequences (packed rows split) with at least
+one target. A sequence with targets but no teacher position adds 0 to the distillation sum and still counts.
 """
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -30,12 +29,13 @@ from .teachers import TeacherOutput
 _OWN = ("lam", "reduction", "return_components", "num_items_in_batch")
 
 
-def count_items(batch: dict) -> torch.Tensor:
-    """(2,) float64 [target tokens, sequences with a target] of one micro-batch (see the module docstring)."""
+def count_targets(batch: dict) -> ItemCounts:
+    """One micro-batch's :class:`~infigw.distributed.ItemCounts`: its target tokens and its sequences with a
+    target (see the module docstring), from the unshifted labels; ``sum()`` them over a step's micro-batches."""
     position_ids = batch.get("position_ids")
     valid = shifted_targets(batch["labels"], position_ids) != IGNORE_INDEX
     per_sequence = sequences_of(valid, sequence_view(position_ids), False)
-    return torch.stack([valid.sum(), per_sequence.any(-1).sum()]).double()
+    return ItemCounts(valid.sum(), per_sequence.any(-1).sum())
 
 
 class StepTerms(NamedTuple):
@@ -63,7 +63,7 @@ class FusionObjective:
         self.teacher_names = list(teacher_names) if teacher_names else None
 
     def __call__(self, student_logits: torch.Tensor, batch: dict, teachers: List[tuple],
-                 counts: Optional[torch.Tensor] = None) -> StepTerms:
+                 counts: Optional[ItemCounts] = None) -> StepTerms:
         """The micro-batch's share of the step's loss.
 
         Args:
@@ -71,8 +71,8 @@ class FusionObjective:
             batch: the student's ``labels`` (B, T) unshifted and, for packed rows, ``position_ids``.
             teachers: one :class:`~infigw.train.teachers.TeacherOutput` (or ``(logits or TopKRecord, targets)``)
                 per teacher, shifted, one row per sequence of the batch (packed rows in row-major order).
-            counts: (2,) global [tokens, sequences] of the step (:func:`count_items` summed over micro-batches
-                and ranks); None: this micro-batch's own counts (evaluation).
+            counts: the step's :class:`~infigw.distributed.ItemCounts` (:func:`count_targets` summed over its
+                micro-batches and ranks); None: this micro-batch's own counts (evaluation).
         """
         position_ids = batch.get("position_ids")
         logits = student_logits[:, :-1]
@@ -86,12 +86,13 @@ class FusionObjective:
                                  "infigw.train.FusionCollator gives them)")
             pairing["student_offsets"] = sequences_of(batch["offsets"][:, 1:], view, -1)
         if counts is None:
-            counts = count_items(batch)
+            counts = count_targets(batch)
         local_tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
         if not teachers:  # plain supervised fine-tuning: the CE share alone
             ce_sum = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                            reduction="sum")
-            return StepTerms((1 - self.lam) * ce_sum / counts[0].clamp_min(1), {"ce": ce_sum.detach() / local_tokens})
+            tokens = torch.as_tensor(counts.tokens, device=ce_sum.device).clamp_min(1)
+            return StepTerms((1 - self.lam) * ce_sum / tokens, {"ce": ce_sum.detach() / local_tokens})
         teachers = [TeacherOutput(*teacher) for teacher in teachers]
         self._check_teachers(teachers, logits.shape[0])
         spans = [t.offsets for t in teachers]
@@ -104,8 +105,9 @@ class FusionObjective:
         loss, parts = functional.infigfusion_loss(
             logits, [t.logits for t in teachers], targets, teacher_labels=[t.targets for t in teachers],
             teacher_chars=[t.chars for t in teachers] if known else None, lam=self.lam, reduction="mean",
-            num_items_in_batch=ItemCounts(counts[0], counts[1]), return_components=True, **pairing, **self.options)
-        logs = {"ce": parts["ce"] * counts[0].clamp_min(1).to(parts["ce"].dtype) / local_tokens}
+            num_items_in_batch=counts, return_components=True, **pairing, **self.options)
+        tokens = torch.as_tensor(counts.tokens, device=parts["ce"].device).clamp_min(1)
+        logs = {"ce": parts["ce"] * tokens / local_tokens}
         if self.lam != 0:
             logs.update(self._component_logs(parts))
         return StepTerms(loss, logs)

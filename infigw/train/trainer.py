@@ -4,10 +4,11 @@
 :func:`fusion_trainer_class` puts it on any Trainer subclass (TRL's ``SFTTrainer``, for instance). What it does:
 
 - keeps the raw-text columns that ``remove_unused_columns`` would drop (the teachers tokenize the text);
-- runs the online teachers frozen, each on its own tokens (:class:`~infigw.train.OnlineTeacher`);
+- runs the online teachers frozen, each on its own tokens (:class:`~infigw.train.OnlineTeacher`), or reads
+  their records from a store (:class:`~infigw.train.StoreTeacher`);
 - splits packed rows (``position_ids`` restarting at 0) into sequences for the graphs and pairs;
 - counts, per optimizer step, the target tokens and sequences over all micro-batches and ranks
-  (:func:`~infigw.train.loss.count_items`), and passes them as ``num_items_in_batch`` so that every micro-batch
+  (:func:`~infigw.train.loss.count_targets`), and passes them as ``num_items_in_batch`` so that every micro-batch
   adds its share of the one-big-batch loss (gradient accumulation and DDP equal one big batch);
 - logs the components (``ce``, ``uld/<teacher>``, ``gld/<teacher>``, ``weights/<teacher>``) to the Trainer's
   loggers, averaged over the logging interval.
@@ -20,7 +21,8 @@ from transformers.utils import logging
 
 from ..losses import InfiGFusionLoss
 from .batch import FusionCollator, sequence_view, tokenize
-from .loss import FusionObjective, count_items
+from ..distributed import ItemCounts
+from .loss import FusionObjective, count_targets
 from .teachers import OnlineTeacher, StoreTeacher
 
 logger = logging.get_logger(__name__)
@@ -76,7 +78,7 @@ class FusionMixin:
         self._signature_columns = list(dict.fromkeys(list(self._signature_columns) + list(TEXT_COLUMNS)))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None):
-        """The step's micro-batches and its global (2,) [tokens, sequences] counts (summed over ranks)."""
+        """The step's micro-batches and its :class:`~infigw.distributed.ItemCounts` (summed over the ranks)."""
         batches = []
         for _ in range(num_batches):
             try:
@@ -86,15 +88,17 @@ class FusionMixin:
         if not batches:
             return batches, None
         device = device if device is not None else self.args.device
-        counts = sum(count_items(batch) for batch in batches).to(device)
+        total = sum(count_targets(batch) for batch in batches)
+        counts = torch.stack([total.tokens, total.sequences]).to(device)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
-        return batches, counts
+        return batches, ItemCounts(counts[0], counts[1])
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         model_inputs = {key: value for key, value in inputs.items() if key not in _NOT_MODEL_INPUTS}
         outputs = model(**model_inputs)
-        counts = num_items_in_batch if _is_counts(num_items_in_batch) else None
+        # the Trainer's own count (evaluation) is a token count: the objective then counts the batch itself
+        counts = num_items_in_batch if isinstance(num_items_in_batch, ItemCounts) else None
         terms = self.objective(outputs.logits, inputs, self._teacher_outputs(inputs), counts)
         loss = terms.loss
         if counts is not None and self.args.world_size > 1:
@@ -154,10 +158,6 @@ class FusionMixin:
             self._component_sums.clear()
             self._component_steps = 0
         return super().log(logs, *args, **kwargs)
-
-
-def _is_counts(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape == (2,)
 
 
 def fusion_trainer_class(base):

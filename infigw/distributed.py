@@ -46,7 +46,7 @@ from .checks import check_logits, data_checks_enabled, valid_positions
 from .contract import TopKDegrees
 from .inputs import CallInputs, StudentSpec, per_teacher
 from .reference import select_topk
-from .reference.degrees import node_ids
+from .reference.degrees import cosine_normalised, node_ids
 from .summary import TopKSummary, summarize
 from .weighting import sequence_mean, teacher_weights
 
@@ -370,21 +370,26 @@ class Parallel:
         return TopKDegrees(degrees, touched, local.kept_values, local.kept_ids), rows, 1
 
     def _cosine_degrees(self, source, valid, k, values, nodes, num_nodes, temperature, backend) -> TopKDegrees:
-        """This rank's rows' "sum" degrees after the cosine scaling by the group's diagonal D_i = sum_p a_p[i]^2
-        (all-reduced, with autograd: the scale depends on every rank's values)."""
+        """This rank's rows' "sum" degrees after the cosine scaling by the group's diagonal D_i = sum_p a_p[i]^2:
+        :func:`~infigw.reference.degrees.cosine_normalised` with its per-node maxima all-reduced (detached) and its
+        sums of squares all-reduced with autograd (the scale depends on every rank's values)."""
         if isinstance(source, torch.Tensor):  # dense logits: the same selection through the summary op
             source = summarize(source, valid, k, temperature, None, backend)
-        kept_values, kept_ids = source.kept(k, values, temperature)
+        kept_values, kept_ids, logs = source.kept(k, values, temperature)
         rows = torch.where(valid, 0, -1).reshape(-1)
-        kept_values = torch.where((rows >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
+        present = (rows >= 0).unsqueeze(-1)
+        kept_values = torch.where(present, kept_values, torch.zeros_like(kept_values))
+
+        def combine(per_node, op):
+            if op == "sum":
+                return _AllReduceSum.apply(per_node, self.data)
+            merged = per_node.clone()
+            dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=self.data)
+            return merged
+
+        # one graph: a slot's flat (graph, node) index is its node
+        scaled = cosine_normalised(kept_values, logs, node_ids(kept_ids, nodes), present, num_nodes, combine)
         _, aggregate = dispatch.resolve("kept_degrees", backend, kept_values.device)
-        slot_nodes = node_ids(kept_ids, nodes)
-        # one entry per row makes each degree a sum of squares: the diagonal sum_p a_p[i]^2
-        diagonal, _ = aggregate(kept_values.reshape(-1, 1), slot_nodes.reshape(-1, 1), rows.repeat_interleave(k), 1,
-                                num_nodes, "vocab", "sum")
-        diagonal = _AllReduceSum.apply(diagonal, self.data)
-        safe = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))  # finite gradient at D = 0
-        scaled = kept_values * torch.where(diagonal > 0, safe.rsqrt(), torch.zeros_like(diagonal))[0, slot_nodes]
         degrees, touched = aggregate(scaled, kept_ids, rows, 1, num_nodes, nodes, "sum")
         return TopKDegrees(degrees, touched, scaled.detach(), kept_ids)
 

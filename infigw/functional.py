@@ -51,11 +51,11 @@ def _degrees(teacher_or_student, valid, *, k, values, nodes, graph_norm, scope, 
     graphs."""
     row_graph, num_graphs = _graph_rows(valid, scope)
     if isinstance(teacher_or_student, (TopKRecord, TopKSummary)):
-        kept_values, kept_ids = teacher_or_student.kept(k, values, temperature)
+        kept_values, kept_ids, logs = teacher_or_student.kept(k, values, temperature)
         kept_values = torch.where((row_graph >= 0).unsqueeze(-1), kept_values, torch.zeros_like(kept_values))
         num_nodes = teacher_or_student.vocab_size if nodes == "vocab" else k
         _, aggregate = dispatch.resolve("kept_degrees", backend, kept_values.device)
-        degrees, touched = aggregate(kept_values, kept_ids, row_graph, num_graphs, num_nodes, nodes, graph_norm)
+        degrees, touched = aggregate(kept_values, kept_ids, row_graph, num_graphs, num_nodes, nodes, graph_norm, logs)
         return TopKDegrees(degrees, touched, kept_values, kept_ids), row_graph, num_graphs
     logits = teacher_or_student
     _, implementation = dispatch.resolve("topk_degrees", backend, logits.device, k)

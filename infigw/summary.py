@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .reference import transform_values, uld_probabilities
+from .contract import compute_dtype
+from .reference import uld_probabilities
+from .reference.select import log_values
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,11 @@ class TopKSummary:
     temperature: float
 
     def kept(self, k: int, values: str, temperature: float):
-        """Node values (N, k) and ids (N, k) of the top ``k`` <= the summary's k (docs/math.md §2)."""
-        kept, ids = self.values[..., :k], self.ids[..., :k]
-        row_lse = self.lse if values == "probs" else None
-        return transform_values(kept, values, temperature, row_lse).reshape(-1, k), ids.reshape(-1, k)
+        """Node values (N, k), ids (N, k) and, for the probability values, their logs (N, k) (else None) of the
+        top ``k`` <= the summary's k (docs/math.md §2)."""
+        kept, ids = self.values[..., :k].reshape(-1, k), self.ids[..., :k].reshape(-1, k)
+        logs = log_values(kept, values, temperature, self.lse.reshape(-1) if values == "probs" else None)
+        return (kept.to(compute_dtype(kept.dtype)) if logs is None else logs.exp()), ids, logs
 
     def cross_entropy(self) -> torch.Tensor:
         """(B, T) ``logsumexp(x) - x[label]`` (meaningless at invalid positions)."""

@@ -25,7 +25,8 @@ import torch
 from .checks import (FLOAT_DTYPES, check_ids_in_range, check_k, check_logits, check_same_device,
                      check_temperature, data_checks_enabled)
 from .contract import compute_dtype
-from .reference import row_logsumexp, select_topk, transform_values
+from .reference import row_logsumexp, select_topk
+from .reference.select import log_values
 
 KINDS = ("logits", "logprobs")
 MAX_VOCAB = 2**31 - 1  # ids fit int32 (records store them so); dense degrees are (graphs, vocab) floats
@@ -180,17 +181,17 @@ class TopKRecord:
         return (1 - self.log_probs(temperature).exp().sum(-1)).clamp(0, 1)
 
     def kept(self, k: int, values: str, temperature: float):
-        """Top-k of the record (ties to the smaller vocabulary id) -> node values (N, k) and ids (N, k)."""
-        logits = self.kept_logits()
+        """Top-k of the record (ties to the smaller vocabulary id) -> node values (N, k), ids (N, k) and, for the
+        probability values, their logs (N, k) (else None: the cosine norm scales by them, docs/math.md §3)."""
         by_id = self.indices.long().argsort(-1)
         ids = self.indices.long().gather(-1, by_id)
-        kept, position = select_topk(logits.gather(-1, by_id), k)
-        kept_ids = ids.gather(-1, position)
+        kept, position = select_topk(self.kept_logits().gather(-1, by_id), k)
+        kept_ids = ids.gather(-1, position).reshape(-1, k)
         if values == "probs":
-            node_values = self.log_probs(temperature).gather(-1, by_id).gather(-1, position).exp()
+            logs = self.log_probs(temperature).gather(-1, by_id).gather(-1, position).reshape(-1, k)
         else:
-            node_values = transform_values(kept, values, temperature)
-        return node_values.reshape(-1, k), kept_ids.reshape(-1, k)
+            logs = log_values(kept.reshape(-1, k), values, temperature)
+        return (kept.reshape(-1, k) if logs is None else logs.exp()), kept_ids, logs
 
 
 Teacher = Union[torch.Tensor, TopKRecord]

@@ -155,8 +155,10 @@ def test_the_objective_is_finite_and_equals_its_components(case, granularity, we
     teachers = [teacher, teacher.flip(-1)]
     common = dict(teacher_labels=[teacher_labels.masked_fill(~teacher_mask, -100)] * 2, teacher_weights=weights,
                   weight_granularity=granularity, k=options["k"], values=options["values"],
-                  temperature=options["temperature"])
+                  graph_norm=options["graph_norm"], temperature=options["temperature"])
     loss, grad = _grad(F.infigfusion_loss, student, teachers, labels, lam=0.4, gamma=0.7, **common)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    loss, grad = _grad(F.infigfusion_loss, student * 40, teachers, labels, lam=0.4, gamma=0.7, **common)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     _, parts = F.infigfusion_loss(student, teachers, labels, lam=0.4, gamma=0.7, return_components=True, **common)
     totals = parts["weights"].sum(0)[parts["included"].any(0)]

@@ -214,13 +214,13 @@ def test_tokenizer_identity_is_checked(tmp_path):
 
 
 def test_collate_pads_right_and_matches_examples(tmp_path):
-    meta = metadata(value_dtype="float32", temperature=2.0, kind="logprobs")
+    meta = metadata(value_dtype="float32", temperature=2.0, kind="logits")
     written = fill(tmp_path, meta, [4, 1, 6])
     store = open_store(tmp_path)
     batch = collate([store[2], store[0], store[1]])
     assert isinstance(batch.record, TopKRecord)
     assert batch.record.values.shape == (3, 5, 4) and batch.record.indices.dtype == torch.int64
-    assert batch.record.vocab_size == 1000 and batch.record.temperature == 2.0 and batch.record.kind == "logprobs"
+    assert batch.record.vocab_size == 1000 and batch.record.temperature == 2.0 and batch.record.kind == "logits"
     assert batch.valid.sum(1).tolist() == [5, 3, 0] and batch.examples.tolist() == [2, 0, 1]
     token_ids, offsets, values, indices, lse = written[0]
     assert torch.equal(batch.record.values[1, :3], values) and torch.equal(batch.record.indices[1, :3], indices)
@@ -229,6 +229,10 @@ def test_collate_pads_right_and_matches_examples(tmp_path):
     assert (batch.labels[1, 3:] == -100).all() and (batch.offsets[1, 3:] == -1).all()
     assert not batch.record.values[1, 3:].any()
     assert batch.response_start.tolist() == [-1, -1, 1]
+    log_probs = metadata(value_dtype="float32", temperature=2.0, kind="logprobs")
+    fill(tmp_path / "logprobs", log_probs, [2])
+    as_logprobs = collate([open_store(tmp_path / "logprobs")[0]]).record
+    assert as_logprobs.kind == "logprobs" and as_logprobs.logsumexp is None  # normalised: no logsumexp to carry
     padded = store.collate([0, 1], pad_to=8, index_dtype=torch.int32)
     assert padded.record.values.shape == (2, 8, 4) and padded.record.indices.dtype == torch.int32
     with pytest.raises(ValueError, match="pad_to must be an int >= the longest example's 5"):

@@ -37,25 +37,28 @@ def _per_node(index, contributions, size, reduce="sum", initial=0.0):
     return out.scatter_reduce(0, index.reshape(-1), contributions.reshape(-1), reduce)
 
 
-def cosine_normalised(values, logs, index, valid, size):
+def cosine_normalised(values, logs, index, valid, size, combine=None):
     """b = a D^(-1/2) per slot, D = sum of a^2 over the slots of the same (graph, node), 0 where D = 0.
 
     D^(-1/2) overflows fp32 once a kept probability is below ~1e-19, so it is never formed: per node, M is the
     largest |a| (``logs`` None: values="logits") or the largest log a (the probability values, ``logs`` = log a);
     u = a / M or exp(log a - M), Q = sum u^2 (>= 1) and b = u Q^(-1/2), all bounded by 1. M is a pure scale (b does
     not depend on it), so it is detached: the gradient reaching log a is b (gb - b z), finite for any finite input.
+    ``combine(per_node, op)`` (op "max" or "sum", on the flat (size,) per-node tensors) merges in the rows of
+    other processes when a graph is pooled over several (:mod:`infigw.distributed`).
     """
+    combine = combine or (lambda per_node, op: per_node)
     if logs is None:
         key = torch.where(valid, values.detach().abs(), torch.zeros_like(values))
-        node_max = _per_node(index, key, size, "amax", 0.0)[index]
+        node_max = combine(_per_node(index, key, size, "amax", 0.0), "max")[index]
         has_scale = node_max != 0
         units = torch.where(has_scale, values / torch.where(has_scale, node_max, torch.ones_like(node_max)), 0.0)
     else:
         key = torch.where(valid, logs.detach(), torch.full_like(logs, float("-inf")))
-        node_max = _per_node(index, key, size, "amax", float("-inf"))[index]
+        node_max = combine(_per_node(index, key, size, "amax", float("-inf")), "max")[index]
         has_scale = node_max != float("-inf")
         units = torch.where(valid & has_scale, (logs - torch.where(has_scale, node_max, 0.0)).exp(), 0.0)
-    q = _per_node(index, units * units, size)[index]
+    q = combine(_per_node(index, units * units, size), "sum")[index]
     return units * torch.where(q > 0, torch.where(q > 0, q, torch.ones_like(q)).rsqrt(), 0.0)
 
 

@@ -98,11 +98,12 @@ setup(
         # The CPU tests run Triton kernels in its interpreter, whose behaviour changes between releases: pin the
         # version they are checked with (3.6.0, also on the GPU machines), and numpy < 2.4 (triton-lang/triton#9171).
         "test": ["pytest", "pytest-benchmark", "pot", "scipy", "triton==3.6.0", "numpy<2.4", "safetensors", "tqdm",
-                 "pyarrow", "pyyaml", "hypothesis"],
+                 "pyarrow", "pyyaml", "hypothesis", "trl"],
         "bench": ["pot", "scipy", "matplotlib", "tqdm", "pytest-benchmark"],
         "merge": ["safetensors", "tqdm", "pyyaml"],
-        # 4.48: the first release whose Llama and GPT-2 return Cache objects, which beam search with DLF reorders
-        "hf": ["transformers>=4.48"],
+        # 4.48: the first release whose Llama and GPT-2 return Cache objects, which beam search with DLF reorders;
+        # accelerate, datasets, pyyaml: fusion training (infigw.train, python -m infigw.fuse)
+        "hf": ["transformers>=4.48", "accelerate", "datasets", "pyyaml"],
         # infigw.records: the store and its importers (capture also needs the "hf" extra)
         "records": ["pyarrow>=14", "pyyaml", "tqdm"],
     },

@@ -52,7 +52,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # Option names of the public losses (the kernels' codes above cover values / nodes / graph_norm).
 SCOPES = ("sequence", "batch")
-DISTANCES = ("l1", "gw1d")
+DISTANCES = ("l1", "mean_l1", "gw1d")
 REDUCTIONS = ("mean", "sum", "none")
 GRANULARITIES = ("sequence", "token")
 PAIRINGS = ("index", "offsets")

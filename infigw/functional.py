@@ -83,8 +83,13 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
             g, g_counts = reference.sorted_degrees(result.degrees, result.touched, num_nodes)
         width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
         f_pad, g_pad = reference.pad_to(f, width).to(dtype), reference.pad_to(g, width).to(dtype)
-        term = reference.sorted_l1(f_pad, g_pad) if gw1d is None else gw1d(f_pad, g_pad,
-                                                                           torch.maximum(f_counts, g_counts))
+        common = torch.maximum(f_counts, g_counts)  # n of the pair: the longer list after truncation
+        if gw1d is not None:
+            term = gw1d(f_pad, g_pad, common)
+        else:
+            term = reference.sorted_l1(f_pad, g_pad)
+            if distance == "mean_l1":
+                term = term / common.clamp_min(1).to(term.dtype)
         both = student.touched.any(-1) & result.touched.any(-1)
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
@@ -209,9 +214,9 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
 
 # ----------------------------------------------------------------------------------------------- losses
 def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
-             ignore_index: int = -100, k: int = 10, values: str = "logits", nodes: str = "vocab",
-             graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
-             distance: str = "l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
+             teacher_chars=None, ignore_index: int = -100, k: int = 10, values: str = "topk_probs",
+             nodes: str = "rank", graph_norm: str = "mean", scope: str = "sequence", num_nodes: Optional[int] = None,
+             distance: str = "mean_l1", temperature: float = 1.0, reduction: str = "mean", teacher_weights=None,
              weight_temperature: float = 1.0, weight_granularity: str = "sequence", deterministic: bool = False,
              backend: str = "auto", return_components: bool = False, vocab_parallel_group=None,
              data_parallel_group=None, num_items_in_batch=None):
@@ -226,9 +231,15 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
             "topk_probs" (ours). nodes: "vocab" (node = token id) | "rank" (node = rank slot, a k x k graph).
         graph_norm: "mean" (ours) | "sum" | "cosine" (ours). scope: "sequence" | "batch" (one graph).
         num_nodes: keep the largest m degrees of each graph (None = all touched nodes).
-        distance: "l1" (the paper's sorted-degree distance) or "gw1d" (1-D GW closed form).
+        distance: "mean_l1" (ours: the sorted-degree L1 divided by the pair's node count n, so that its scale
+            does not grow with the graph) | "l1" (the paper's sorted-degree distance) | "gw1d" (1-D GW closed form).
+        Defaults (ours, chosen by the fusion experiment, benchmarks/RESULTS.md): values="topk_probs",
+            nodes="rank", graph_norm="mean", distance="mean_l1": bounded and scale-free; ``preset="paper"`` on
+            the modules gives the paper-literal reading.
         teacher_weights: None (uniform), S fixed weights >= 0, "uncertainty" or "nll" (ours, see
             :mod:`infigw.weighting`); weight_granularity: "sequence" | "token" (per aligned position).
+        teacher_chars: per teacher, (B, T') characters covered by each position's target token: the weights'
+            uncertainties become per character, comparable across tokenizers (ours; :mod:`infigw.weighting`).
         backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (see :mod:`infigw.dispatch`).
         return_components: also return a dict with per-teacher terms "gld" (S, G), "weights" (S, G) and
             "included" (S, G); at token granularity also "token_weights" (S, B, T) on the student positions.
@@ -240,8 +251,8 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_choice(reduction, "reduction", REDUCTIONS)
     parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction, scope)
     inputs = resolve(parallel.student(student_logits), teacher_logits, labels, mask=mask, teacher_labels=teacher_labels,
-                     teacher_mask=teacher_mask, ignore_index=ignore_index, k=k, temperature=temperature,
-                     teacher_weights=teacher_weights, weight_temperature=weight_temperature,
+                     teacher_mask=teacher_mask, teacher_chars=teacher_chars, ignore_index=ignore_index, k=k,
+                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity)
     check_records_serve(inputs.teachers, values=values, exact_probs=values == "probs", temperature=temperature)
     terms, included = gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
@@ -255,7 +266,7 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 
 def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
-             ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
+             teacher_chars=None, ignore_index: int = -100, temperature: float = 1.0, top_k: Optional[int] = None,
              standardize: bool = False, record_tail: str = "zeros", pairing: str = "index", student_offsets=None,
              teacher_offsets=None, reduction: str = "mean", teacher_weights=None, weight_temperature: float = 1.0,
              weight_k: int = 10, weight_granularity: str = "sequence", backend: str = "auto",
@@ -288,7 +299,8 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     check_count(weight_k, "weight_k")
     parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction)
     inputs = resolve(parallel.student(student_logits, dense=top_k is None), teacher_logits, labels, mask=mask,
-                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, ignore_index=ignore_index,
+                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, teacher_chars=teacher_chars,
+                     ignore_index=ignore_index,
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity, weight_k=weight_k, pairing=pairing,
                      student_offsets=student_offsets, teacher_offsets=teacher_offsets)
@@ -304,9 +316,9 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
 
 
 def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None,
-                     ignore_index: int = -100, lam: float = 0.5, gamma: float = 1.0, k: int = 10,
-                     values: str = "logits", nodes: str = "vocab", graph_norm: str = "mean",
-                     num_nodes: Optional[int] = None, distance: str = "l1", temperature: float = 1.0,
+                     teacher_chars=None, ignore_index: int = -100, lam: float = 0.5, gamma: float = 1.0, k: int = 10,
+                     values: str = "topk_probs", nodes: str = "rank", graph_norm: str = "mean",
+                     num_nodes: Optional[int] = None, distance: str = "mean_l1", temperature: float = 1.0,
                      uld_top_k: Optional[int] = None, standardize: bool = False, record_tail: str = "zeros",
                      pairing: str = "index", student_offsets=None, teacher_offsets=None, teacher_weights=None,
                      weight_temperature: float = 1.0, weight_granularity: str = "sequence",
@@ -332,8 +344,8 @@ def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=N
     parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction,
                                     both_counts=True)
     inputs = resolve(parallel.student(student_logits, dense=lam != 0 and uld_top_k is None), teacher_logits, labels,
-                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, ignore_index=ignore_index, k=k,
-                     temperature=temperature, teacher_weights=teacher_weights,
+                     teacher_labels=teacher_labels, teacher_mask=teacher_mask, teacher_chars=teacher_chars,
+                     ignore_index=ignore_index, k=k, temperature=temperature, teacher_weights=teacher_weights,
                      weight_temperature=weight_temperature, weight_granularity=weight_granularity, pairing=pairing,
                      student_offsets=student_offsets, teacher_offsets=teacher_offsets)
     objective.check_inputs(inputs, lam=lam, gamma=gamma, values=values, uld_top_k=uld_top_k, standardized=standardize,

@@ -141,7 +141,7 @@ def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, la
             ignore_index: int = -100, k: int = 1, temperature: float = 1.0, teacher_weights=None,
             weight_temperature: float = 1.0, weight_granularity: str = "sequence",
             weight_k: Optional[int] = None, pairing: str = "index", student_offsets=None,
-            teacher_offsets=None) -> CallInputs:
+            teacher_offsets=None, teacher_chars=None) -> CallInputs:
     """Validate and resolve the arguments every loss shares (see :mod:`infigw.functional` for their meaning).
 
     Args:
@@ -151,6 +151,8 @@ def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, la
         pairing: how token-level terms pair positions: "index" (the i-th valid with the i-th valid) or
             "offsets" (the positions whose target tokens start at the same character; needs ``student_offsets``
             (B, T, 2) and ``teacher_offsets``, one (B, T', 2) tensor or a list with one per teacher).
+        teacher_chars: None, or per teacher a (B, T') count of the characters each position's target covers:
+            the teacher weights' uncertainties are then per character (:mod:`infigw.weighting`).
     """
     if not isinstance(student_logits, StudentSpec):
         check_logits(student_logits, "student_logits")
@@ -173,9 +175,16 @@ def resolve(student_logits: Union[torch.Tensor, StudentSpec], teacher_logits, la
             if rule.measure is not None and rule.measure.needs_labels:  # gold probabilities must be exact
                 teacher.check_usable(name, exact_probs=True, temperature=temperature)
     golds = _golds(rule, teachers, teacher_labels, teacher_mask, labels, teacher_valids, teacher_weights)
+    chars = per_teacher(teacher_chars, "teacher_chars", len(teachers))
+    for i, (count, teacher_valid) in enumerate(zip(chars, teacher_valids)):
+        if count is not None and (not isinstance(count, torch.Tensor) or count.shape != teacher_valid.shape
+                                  or count.dtype.is_complex or count.dtype == torch.bool):
+            name = "teacher_chars" if len(teachers) == 1 else f"teacher_chars[{i}]"
+            raise ValueError(f"{name} must be a numeric tensor of the teacher's positions' shape "
+                             f"{tuple(teacher_valid.shape)}")
     entropy_k = k if weight_k is None else weight_k
     weighting = TeacherWeighting(rule, teachers, teacher_valids, golds, k=entropy_k, temperature=temperature,
-                                 weight_temperature=weight_temperature)
+                                 weight_temperature=weight_temperature, chars=chars)
     check_choice(pairing, "pairing", PAIRINGS)
     if pairing == "offsets":
         if student_offsets is None or teacher_offsets is None:

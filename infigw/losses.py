@@ -1,7 +1,8 @@
 """nn.Module wrappers: they hold the configuration; all argument handling lives in :mod:`infigw.functional`.
 
 A module's options are the keyword options of its functional, with the same defaults (derived from the
-functional's signature, so the two cannot drift); ``forward`` takes the per-batch inputs only.
+functional's signature, so the two cannot drift); ``forward`` takes the per-batch inputs only. ``preset=NAME``
+starts from a named setting of :data:`PRESETS` instead of the defaults (options given beside it still win).
 """
 import inspect
 
@@ -9,8 +10,28 @@ import torch
 
 from . import functional as F
 
+# Named settings. "paper": the paper-literal reading of InfiGFusion as far as its accessible parts fix it (docs/
+# training.md, "What is the paper's"): top-k raw logits as node values, k rank-slot nodes (the figure's sorted sum
+# runs to k), graphs summed over positions, and the token-wise term on the top-d' entries (d' = k here). k = 10,
+# lam = 0.5 and gamma = 1 are not in the accessible text (ours). A functional call takes them as
+# ``F.gld_loss(..., **PRESETS["paper"])`` (the options a function lacks dropped: :func:`preset_options`).
+PRESETS = {
+    "paper": dict(k=10, values="logits", nodes="rank", graph_norm="sum", num_nodes=None, distance="l1",
+                  uld_top_k=10, top_k=10, standardize=False, lam=0.5, gamma=1.0),
+}
+
+
+def preset_options(name: str, loss_fn) -> dict:
+    """The options of preset ``name`` that ``loss_fn`` (a functional loss) takes."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    taken = inspect.signature(loss_fn).parameters
+    return {key: value for key, value in PRESETS[name].items() if key in taken}
+
+
 # Keyword arguments that describe one batch rather than the loss: given to forward, never stored.
-PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "student_offsets", "teacher_offsets", "num_items_in_batch")
+PER_BATCH = ("mask", "teacher_labels", "teacher_mask", "teacher_chars", "student_offsets", "teacher_offsets",
+             "num_items_in_batch")
 
 
 class _ConfiguredLoss(torch.nn.Module):
@@ -24,20 +45,23 @@ class _ConfiguredLoss(torch.nn.Module):
                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in PER_BATCH]
         cls.defaults = {p.name: p.default for p in options}
 
-        def __init__(self, **given):  # its own function, so each class shows its own signature
-            _ConfiguredLoss.__init__(self, **given)
+        def __init__(self, preset=None, **given):  # its own function, so each class shows its own signature
+            _ConfiguredLoss.__init__(self, preset, **given)
 
         self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        __init__.__signature__ = inspect.Signature([self_parameter] + options)
+        preset_parameter = inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None)
+        __init__.__signature__ = inspect.Signature([self_parameter, preset_parameter] + options)
         cls.__init__ = __init__
 
-    def __init__(self, **options):
+    def __init__(self, preset=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown options {unknown}; its options are "
                             f"{sorted(self.defaults)} (per-batch inputs {PER_BATCH} go to forward)")
-        self.options = {**self.defaults, **options}
+        start = {} if preset is None else preset_options(preset, type(self).loss_fn)
+        self.preset = preset
+        self.options = {**self.defaults, **start, **options}
 
     def forward(self, student_logits, teacher_logits, labels=None, **per_batch):
         stored = sorted(set(per_batch) - set(PER_BATCH))
@@ -47,7 +71,8 @@ class _ConfiguredLoss(torch.nn.Module):
         return type(self).loss_fn(student_logits, teacher_logits, labels, **self.options, **per_batch)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self.options.items() if value != self.defaults[name])
+        changed = [f"{name}={value!r}" for name, value in self.options.items() if value != self.defaults[name]]
+        return ", ".join(([f"preset={self.preset!r}"] if self.preset else []) + changed)
 
 
 class GLDLoss(_ConfiguredLoss):

@@ -27,6 +27,12 @@ Granularity (``weight_granularity=``):
   the sequence's covered student positions (those with at least one pair): the result still sums to 1 over the
   teachers, and a teacher that covers fewer positions (a shorter tokenisation) gets proportionally less.
 
+Tokenizers of different granularity (ours): a per-token uncertainty grows with the characters a token covers, so
+teachers that cut the same text into fewer, longer tokens would look less certain. Given each teacher's
+per-position character counts (``teacher_chars``: the characters of the token each position predicts), the
+uncertainty becomes per character: ``sum_t u_t / sum_t chars_t`` over a sequence, ``u_t / max(chars_t, 1)`` at a
+position. The trainer (:mod:`infigw.train`) passes them from the tokenizers' character offsets.
+
 Weights are always detached. New measures can be added to :data:`MEASURES` (same signature) and are then
 accepted as ``teacher_weights`` names.
 """
@@ -116,10 +122,15 @@ def resolve_rule(spec: WeightSpec, num_teachers: int) -> WeightRule:
     return WeightRule(fixed.float(), None)
 
 
-def sequence_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, T') values, (B, T') bool -> (B,) mean over each sequence's valid positions (0 when none)."""
+def sequence_mean(per_position: torch.Tensor, valid: torch.Tensor,
+                  chars: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T') values, (B, T') bool -> (B,) mean over each sequence's valid positions (0 when none); with
+    ``chars`` (B, T'), the sum over the valid positions per character they cover."""
     kept = torch.where(valid, per_position, torch.zeros_like(per_position))
-    return kept.sum(-1) / valid.sum(-1).clamp_min(1)
+    if chars is None:
+        return kept.sum(-1) / valid.sum(-1).clamp_min(1)
+    covered = torch.where(valid, chars.to(kept.dtype), torch.zeros_like(kept))
+    return kept.sum(-1) / covered.sum(-1).clamp_min(1)
 
 
 def at_partners(per_position: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
@@ -167,14 +178,16 @@ class TeacherWeighting:
     Args:
         rule: the validated spec. teachers / teacher_valids: the S teachers and their (B, T') valid positions.
         golds: each teacher's (B, T') gold next-token ids, or None (label-free measures).
+        chars: each teacher's (B, T') character counts (uncertainties per character), or None each.
         k: top-k of the entropy measure. temperature: the loss temperature T of the teachers' softmax.
         weight_temperature: tau_w.
     """
 
     def __init__(self, rule: WeightRule, teachers, teacher_valids, golds, *, k: int, temperature: float,
-                 weight_temperature: float):
+                 weight_temperature: float, chars=None):
         self.rule = rule
         self.teachers, self.teacher_valids, self.golds = teachers, teacher_valids, golds
+        self.chars = [None] * len(teachers) if chars is None else list(chars)
         self.k, self.temperature, self.weight_temperature = k, temperature, weight_temperature
 
     def _uncertainties(self):
@@ -184,8 +197,8 @@ class TeacherWeighting:
     def per_graph(self, included: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
         """(S, G) weights from the teachers' mean uncertainty over each sequence's valid positions."""
         def uncertainty():
-            per_sequence = torch.stack([sequence_mean(u, valid)
-                                        for u, valid in zip(self._uncertainties(), self.teacher_valids)])
+            per_sequence = torch.stack([sequence_mean(u, valid, chars) for u, valid, chars
+                                        in zip(self._uncertainties(), self.teacher_valids, self.chars)])
             if scope == "batch":  # one graph: the mean over the sequences that have valid positions
                 present = torch.stack([valid.any(-1) for valid in self.teacher_valids]).to(per_sequence.dtype)
                 return (per_sequence * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1)
@@ -205,5 +218,7 @@ class TeacherWeighting:
     def per_position(self, partners: torch.Tensor) -> torch.Tensor:
         """(S, B, T) weights at the aligned student positions; ``partners`` (S, B, T) as :func:`at_partners`."""
         def uncertainty():
-            return torch.stack([at_partners(u, partner) for u, partner in zip(self._uncertainties(), partners)])
+            per_char = [u if chars is None else u / chars.to(u.dtype).clamp_min(1)
+                        for u, chars in zip(self._uncertainties(), self.chars)]
+            return torch.stack([at_partners(u, partner) for u, partner in zip(per_char, partners)])
         return teacher_weights(self.rule, partners >= 0, uncertainty, self.weight_temperature)

@@ -32,7 +32,8 @@ def test_gld_gradcheck_every_mode(values, nodes, norm, distance):
 
 def test_gld_equals_the_stagewise_composition():
     student, teacher = logits(3, 6, 20, seed=3), logits(3, 6, 25, seed=4)
-    loss = F.gld_loss(student, teacher, k=4, reduction="none", backend="torch")
+    loss = F.gld_loss(student, teacher, k=4, values="logits", nodes="vocab", distance="l1", reduction="none",
+                      backend="torch")
     rows = torch.arange(3).repeat_interleave(6)
     s = topk_degrees(student.reshape(-1, 20), rows, 3, 4)
     t = topk_degrees(teacher.reshape(-1, 25), rows, 3, 4)

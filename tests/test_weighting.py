@@ -273,3 +273,27 @@ def test_bad_weight_options_raise_clear_errors(loss_fn, name, kwargs, message):
         kwargs["k"] = 3
     with pytest.raises(ValueError, match=message):
         loss_fn(student, teachers, labels, **kwargs)
+
+
+def _nll_logits(nll: torch.Tensor) -> torch.Tensor:
+    """(B, T) target NLLs -> (B, T, 2) logits whose gold token 0 has exactly that NLL (log(1 + e^x) = nll)."""
+    x = torch.log(torch.expm1(nll))
+    return torch.stack([torch.zeros_like(x), x], dim=-1)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_nll_per_character_compares_tokenizers_of_different_granularity(granularity):
+    """Teacher A cuts 8 characters into 4 tokens of NLL 2, teacher B into 8 tokens of NLL 1: per token B looks
+    twice as certain, per character (teacher_chars) both are 1 nat per character: equal weights."""
+    student = logits(1, 4, 5, seed=1, scale=1.0).requires_grad_()
+    coarse, fine = _nll_logits(torch.full((1, 4), 2.0)), _nll_logits(torch.full((1, 8), 1.0))
+    golds = [torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)]
+    chars = [torch.full((1, 4), 2), torch.ones(1, 8, dtype=torch.long)]
+    common = dict(teacher_labels=golds, teacher_weights="nll", weight_granularity=granularity,
+                  return_components=True)
+    _, per_token = F.uld_loss(student, [coarse, fine], **common)
+    _, per_char = F.uld_loss(student, [coarse, fine], teacher_chars=chars, **common)
+    assert per_token["weights"][1, 0] > 0.6  # e^-1 / (e^-1 + e^-2) = 0.73 at sequence level
+    assert_close(per_char["weights"][:, 0], torch.tensor([0.5, 0.5]), atol=1e-5, name="per-character weights")
+    with pytest.raises(ValueError, match=r"teacher_chars\[1\] must be a numeric tensor"):
+        F.uld_loss(student, [coarse, fine], teacher_chars=[chars[0], chars[0]], **common)

@@ -51,13 +51,13 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
 }
 
 // logits (N, V) of a float dtype (float64 too where allow_fp64: the CPU kernels, for gradcheck).
-inline void check_logits(const at::Tensor& logits, bool allow_fp64) {
+inline void check_logits(const at::Tensor& logits, bool allow_fp64, const char* name = "logits") {
   const auto dtype = logits.scalar_type();
   const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
                   (allow_fp64 && dtype == at::kDouble);
-  TORCH_CHECK_TYPE(ok, "logits must be float32, float16 or bfloat16", allow_fp64 ? " (or float64)" : "", ", got ",
+  TORCH_CHECK_TYPE(ok, name, " must be float32, float16 or bfloat16", allow_fp64 ? " (or float64)" : "", ", got ",
                    dtype);
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "logits must have shape (N, V) with V >= 1, got ",
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, name, " must have shape (N, V) with V >= 1, got ",
                     logits.sizes());
 }
 

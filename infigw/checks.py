@@ -72,6 +72,22 @@ def check_points(points, name: str) -> torch.Tensor:
     return points
 
 
+def check_lengths(lengths, batch_shape, width: int, reference: torch.Tensor) -> torch.Tensor:
+    """Flat int64 set sizes in [0, width] of point sets batched as ``batch_shape`` (all ``width`` when None). Their
+    range is checked with a host sync: the 1-D GW op is standalone, not a loss hot path."""
+    if lengths is None:
+        return torch.full((torch.Size(batch_shape).numel(),), width, dtype=torch.long, device=reference.device)
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != tuple(batch_shape):
+        raise ValueError(f"lengths must be a tensor of shape {tuple(batch_shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    check_same_device(reference, lengths, "lengths", "x")
+    lengths = lengths.reshape(-1).long()
+    if lengths.device.type != "meta" and not is_fake(lengths) and bool(((lengths < 0) | (lengths > width)).any()):
+        raise ValueError(f"lengths must lie in [0, {width}] (the number of points n)")
+    return lengths
+
+
 def check_k(k, vocab: int, name: str = "k", vocab_name: str = "the vocabulary") -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")

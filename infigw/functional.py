@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from . import dispatch, distributed, objective, reference, uld
-from .checks import (check_choice, check_count, check_k, check_logits, check_optional_count, check_points,
-                     check_same_device, check_temperature, valid_positions)
+from .checks import (check_choice, check_count, check_k, check_lengths, check_logits, check_optional_count,
+                     check_points, check_same_device, check_temperature, valid_positions)
 from .contract import DISTANCES, NODES, NORMS, REDUCTIONS, SCOPES, VALUES, TopKDegrees, compute_dtype
 from .inputs import CallInputs, resolve
 from .summary import TopKSummary
@@ -84,12 +84,9 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
         width, dtype = max(f.shape[-1], g.shape[-1]), torch.promote_types(f.dtype, g.dtype)
         f_pad, g_pad = reference.pad_to(f, width).to(dtype), reference.pad_to(g, width).to(dtype)
         common = torch.maximum(f_counts, g_counts)  # n of the pair: the longer list after truncation
-        if gw1d is not None:
-            term = gw1d(f_pad, g_pad, common)
-        else:
-            term = reference.sorted_l1(f_pad, g_pad)
-            if distance == "mean_l1":
-                term = term / common.clamp_min(1).to(term.dtype)
+        term = reference.sorted_l1(f_pad, g_pad) if gw1d is None else gw1d(f_pad, g_pad, common)
+        if distance == "mean_l1":
+            term = term / common.clamp_min(1).to(term.dtype)
         both = student.touched.any(-1) & result.touched.any(-1)
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
@@ -190,17 +187,7 @@ def sorted_gw1d(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor
     batch_shape, width = x.shape[:-1], x.shape[-1]
     dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
     flat_x, flat_y = x.reshape(-1, width).to(dtype), y.reshape(-1, width).to(dtype)
-    if lengths is None:
-        lengths = torch.full((flat_x.shape[0],), width, dtype=torch.long, device=x.device)
-    else:
-        if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != tuple(batch_shape):
-            raise ValueError(f"lengths must be a tensor of shape {tuple(batch_shape)}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        check_same_device(x, lengths, "lengths", "x")
-        lengths = lengths.reshape(-1).long()
-        if bool(((lengths < 0) | (lengths > width)).any()):  # host sync: a standalone op, not a loss hot path
-            raise ValueError(f"lengths must lie in [0, {width}] (the number of points n)")
+    lengths = check_lengths(lengths, batch_shape, width, x)
     inside = torch.arange(width, device=x.device) < lengths.unsqueeze(-1)
     low = torch.tensor(float("-inf"), device=x.device)
 

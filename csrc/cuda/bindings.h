@@ -15,11 +15,16 @@ namespace cuda {
 
 inline void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 
+inline void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  check_same_device(t, name, like);
+}
+
 // Logits the CUDA kernels take: float32, float16 or bfloat16 on a CUDA device, with fewer than 2^31 columns.
-inline void check_cuda_logits(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.is_cuda(), "logits must be a CUDA tensor, got one on ", logits.device());
-  check_logits(logits, /*allow_fp64=*/false);
-  TORCH_CHECK_VALUE(logits.size(1) < (int64_t{1} << 31), "logits must have fewer than 2^31 columns, got ",
+inline void check_cuda_logits(const at::Tensor& logits, const char* name = "logits") {
+  TORCH_CHECK_VALUE(logits.is_cuda(), name, " must be a CUDA tensor, got one on ", logits.device());
+  check_logits(logits, /*allow_fp64=*/false, name);
+  TORCH_CHECK_VALUE(logits.size(1) < (int64_t{1} << 31), name, " must have fewer than 2^31 columns, got ",
                     logits.size(1));
 }
 

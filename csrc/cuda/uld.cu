@@ -30,7 +30,7 @@ struct Inputs {
 // Teacher rows as the kernels read them: logits in the student's dtype, or float32 probabilities.
 Inputs check_inputs(const Tensor& student, const Tensor& teacher, const Tensor& partner, double temperature,
                     bool teacher_probs) {
-  check_logits(student, "student");
+  check_cuda_logits(student, "student");
   check_cuda(teacher, "teacher", student);
   TORCH_CHECK_TYPE(at::isFloatingType(teacher.scalar_type()), "teacher must be floating point, got ",
                    teacher.scalar_type());

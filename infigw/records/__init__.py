@@ -11,8 +11,8 @@
 from ..alignment import offset_match, offset_pairs, response_mask
 from .collate import RecordBatch, collate
 from .importers import import_distillkit, import_vllm
-from .store import (Example, RecordStore, RecordStoreError, StoreMetadata, StoreWriter, TokenizerMismatchError,
-                    merge_index, open_store, tokenizer_identity)
+from .manifest import RecordStoreError, merge_index
+from .store import Example, RecordStore, StoreMetadata, StoreWriter, TokenizerMismatchError, open_store, tokenizer_identity
 from .text import token_offsets, trim_leading_whitespace
 
 open = open_store  # noqa: A001  (infigw.records.open(STORE), like a dataset library's open)

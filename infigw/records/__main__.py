@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                          shard_examples=args.shard_examples, compression=args.compression,
                          progress=not args.no_progress)
     elif args.command == "merge-index":
-        from .store import merge_index
+        from .manifest import merge_index
 
         result = merge_index(args.store)
     elif args.command == "info":

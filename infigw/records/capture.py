@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from ..reference import rank_order, select_topk
-from .store import StoreMetadata, StoreWriter, file_sha256, merge_index, tokenizer_identity
+from .manifest import file_sha256, merge_index
+from .store import StoreMetadata, StoreWriter, tokenizer_identity
 from .text import iter_rows, render, token_offsets
 
 #: Compute dtypes of the model (``--dtype``).

@@ -15,7 +15,7 @@ Writes are append-only and crash-safe: a shard is written under a temporary name
 writer's manifest part is replaced atomically (temporary file + ``os.replace``). A reader only sees shards a
 manifest lists, so a kill at any moment leaves a readable store without partial or duplicated examples. A shard
 renamed just before a kill (not yet in a manifest) is adopted by the next writer of that rank or by
-:func:`merge_index`; one whose examples are already indexed is removed.
+:func:`merge_index`; one whose examples are already indexed is removed (:mod:`infigw.records.manifest`).
 """
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -34,6 +32,8 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .manifest import (SHARD_FILE, RecordStoreError, adopt_orphans, atomic_write, file_sha256, import_pyarrow,
+                       indexed_examples, load_index, lock_rank, read_json)
 
 FORMAT_VERSION = 1
 KINDS = ("logits", "logprobs")
@@ -43,25 +43,13 @@ COMPRESSIONS = ("zstd", "none")
 CONVENTION = "next-token"
 #: Largest vocabulary the id encoding holds: 16 low bits in a uint16 plane plus 8 high bits in a uint8 plane.
 MAX_VOCAB = 1 << 24
-_SHARD_FILE = re.compile(r"^r(\d{5})-(\d{6})\.arrow(\.tmp)?$")
 _MAX_OPEN_SHARDS = 64
 
-
-class RecordStoreError(RuntimeError):
-    """A store that cannot be read or written as asked: missing, corrupt, inconsistent or incompatible."""
 
 
 class TokenizerMismatchError(ValueError):
     """The store was written with another tokenizer than the one the caller declares."""
 
-
-def _pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.ipc  # noqa: F401  (submodule used through the package)
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("infigw.records needs pyarrow: pip install 'infigw[records]'") from error
-    return pyarrow
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -172,47 +160,6 @@ def check_tokenizer(metadata: StoreMetadata, tokenizer=None, expected_tokenizer_
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_name: Optional[str] = None):
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one (written to
-    ``tmp_name``, default a unique hidden name, fsynced, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise RecordStoreError(f"cannot read {path}: {error}") from error
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------- id planes
 def _split_ids(ids: np.ndarray, wide: bool):
     """int ids -> (uint16 low plane, uint8 high plane or None)."""
@@ -297,7 +244,7 @@ def _bits_to_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- shard schema
 def _schema(metadata: StoreMetadata):
-    pa = _pyarrow()
+    pa = import_pyarrow()
     k = metadata.k
     value_type = {"float16": pa.float16(), "float32": pa.float32(), "bfloat16": pa.uint16()}[metadata.value_dtype]
     fields = [pa.field("target", pa.uint16()), pa.field("start", pa.int32()), pa.field("end", pa.int32()),
@@ -309,7 +256,7 @@ def _schema(metadata: StoreMetadata):
 
 
 def _fixed_list(array: np.ndarray, k: int):
-    pa = _pyarrow()
+    pa = import_pyarrow()
     flat = np.ascontiguousarray(array).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), k)
 
@@ -321,7 +268,7 @@ def _span(value) -> str:
 def _example_batch(metadata: StoreMetadata, schema, index: int, token_ids, offsets, values, indices, logsumexp,
                    response_start, response_end):
     """Validate one example and turn it into (record batch, custom metadata)."""
-    pa = _pyarrow()
+    pa = import_pyarrow()
     k, vocab = metadata.k, metadata.vocab_size
     token_ids = _as_numpy(token_ids, np.int64).reshape(-1)
     offsets = _as_numpy(offsets, np.int64)
@@ -382,125 +329,7 @@ def _decode_example(batch, custom, metadata: StoreMetadata, where: str) -> Examp
 
 
 # ---------------------------------------------------------------------------------------------- manifests
-def _manifest_paths(root: Path) -> List[Path]:
-    return sorted(root.glob("manifest*.json"))
-
-
-def _load_index(root: Path) -> Dict[str, dict]:
-    """Union of every manifest's shard entries, keyed by shard file name (an entry in two manifests must agree)."""
-    shards: Dict[str, dict] = {}
-    for path in _manifest_paths(root):
-        content = _read_json(path)
-        entries = content.get("shards") if isinstance(content, dict) else None
-        if not isinstance(entries, list):
-            raise RecordStoreError(f"{path} is not a manifest (no 'shards' list)")
-        for entry in entries:
-            if not isinstance(entry, dict) or not {"file", "bytes", "sha256", "examples", "rows"} <= set(entry):
-                raise RecordStoreError(f"{path} has a malformed shard entry: {str(entry)[:200]}")
-            known = shards.get(entry["file"])
-            if known is not None and known != entry:
-                raise RecordStoreError(f"shard {entry.get('file')!r} is listed differently in two manifests")
-            shards[entry["file"]] = entry
-    return shards
-
-
-def _indexed_examples(shards: Dict[str, dict]):
-    """(example -> (file, position, rows)) of a shard index; duplicates are an error."""
-    where: Dict[int, tuple] = {}
-    for name, entry in shards.items():
-        for position, (example, rows) in enumerate(zip(entry["examples"], entry["rows"])):
-            if example in where:
-                raise RecordStoreError(f"example {example} is stored twice: in {where[example][0]!r} and {name!r}")
-            where[example] = (name, position, rows)
-    return where
-
-
-def _read_shard_entry(path: Path) -> dict:
-    """A manifest entry from a complete shard file (used to adopt shards written just before a kill)."""
-    pa = _pyarrow()
-    examples, rows = [], []
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            batch, custom = reader.get_batch_with_custom_metadata(i)
-            examples.append(int(custom[b"example"]))
-            rows.append(batch.num_rows)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path), "examples": examples,
-            "rows": rows}
-
-
-def _adopt_orphans(root: Path, shards: Dict[str, dict], rank: Optional[int]) -> List[dict]:
-    """Entries for complete shards no manifest lists (of one rank, or all); remove those already indexed or
-    unreadable, and leftover temporary files."""
-    indexed = set(_indexed_examples(shards))
-    adopted = []
-    shard_dir = root / "shards"
-    for path in sorted(shard_dir.iterdir()) if shard_dir.exists() else []:
-        match = _SHARD_FILE.match(path.name)
-        if match is None or (rank is not None and int(match[1]) != rank):
-            continue
-        if match[3]:
-            path.unlink()  # a shard that was never completed
-            continue
-        if path.name in shards:
-            continue
-        try:
-            entry = _read_shard_entry(path)
-        except (OSError, KeyError, TypeError, ValueError, _pyarrow().ArrowException):
-            path.unlink()  # renamed only after fsync, so this is foreign or damaged: its examples are redone
-            continue
-        if indexed.isdisjoint(entry["examples"]):
-            adopted.append(entry)
-            indexed.update(entry["examples"])
-        else:
-            path.unlink()
-    return adopted
-
-
-def merge_index(path) -> dict:
-    """Merge every manifest part (and any complete shard no manifest lists) into one ``manifest.json``.
-
-    Refused while a writer is active (``capture`` merges on rank 0 after all ranks finished). Returns
-    ``{"examples": n, "shards": m, "tokens": t}``. Raises :class:`RecordStoreError` if an example is stored twice.
-    """
-    root = Path(path)
-    if not (root / "meta.json").exists():
-        raise RecordStoreError(f"{root} is not a record store (no meta.json)")
-    locks = [_lock_rank(root, int(p.name[len(".lock-r"):])) for p in sorted(root.glob(".lock-r*"))]
-    try:  # holding every rank's lock: no writer can commit meanwhile
-        shards = _load_index(root)
-        for entry in _adopt_orphans(root, shards, rank=None):
-            shards[entry["file"]] = entry
-        examples = _indexed_examples(shards)
-        parts = [p for p in _manifest_paths(root) if p.name != "manifest.json"]
-        atomic_write(root / "manifest.json", json.dumps({"shards": [shards[n] for n in sorted(shards)]}).encode())
-        for part in parts:  # a kill here only leaves redundant entries, which readers merge
-            part.unlink()
-        _fsync_dir(root)
-    finally:
-        for lock in locks:
-            lock.close()
-    return {"examples": len(examples), "shards": len(shards),
-            "tokens": sum(rows + 1 for _, _, rows in examples.values())}
-
-
 # ------------------------------------------------------------------------------------------------- writer
-def _lock_rank(root: Path, rank: int):
-    """Hold an exclusive lock for the writer of ``rank`` (released when the file closes or the process dies):
-    two writers of one rank would overwrite each other's manifest."""
-    handle = open(root / f".lock-r{rank:05d}", "w")
-    try:
-        import fcntl
-
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - no POSIX locks (Windows): one writer per rank is up to the caller
-        pass
-    except OSError:
-        handle.close()
-        raise RecordStoreError(f"another writer of rank {rank} has {root} open; wait for it, or use another rank")
-    return handle
-
-
 class StoreWriter:
     """Append examples to a store; one writer per rank, any number of ranks at once.
 
@@ -511,7 +340,7 @@ class StoreWriter:
     """
 
     def __init__(self, path, metadata: StoreMetadata, *, rank: int = 0, shard_examples: int = 256):
-        _pyarrow()
+        import_pyarrow()
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < 100000:
             raise ValueError(f"rank must be an int in [0, 100000), got {rank!r}")
         if isinstance(shard_examples, bool) or not isinstance(shard_examples, int) or shard_examples < 1:
@@ -521,7 +350,7 @@ class StoreWriter:
         self.rank = rank
         self.shard_examples = shard_examples
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_rank(self.root, rank)
+        self._lock = lock_rank(self.root, rank)
         meta_path = self.root / "meta.json"
         if meta_path.exists():
             stored = StoreMetadata.from_json(meta_path.read_text(), str(meta_path))
@@ -532,14 +361,14 @@ class StoreWriter:
         else:
             atomic_write(meta_path, metadata.to_json().encode())
         self._part_path = self.root / f"manifest-r{rank:05d}.json"
-        index = _load_index(self.root)
-        own = _read_json(self._part_path)["shards"] if self._part_path.exists() else []
-        adopted = _adopt_orphans(self.root, index, rank)
+        index = load_index(self.root)
+        own = read_json(self._part_path)["shards"] if self._part_path.exists() else []
+        adopted = adopt_orphans(self.root, index, rank)
         self._entries: List[dict] = own + adopted
         if adopted:
             self._write_part()
-        self.done = set(_indexed_examples(index)) | {e for entry in adopted for e in entry["examples"]}
-        names = (_SHARD_FILE.match(p.name) for p in (self.root / "shards").iterdir())
+        self.done = set(indexed_examples(index)) | {e for entry in adopted for e in entry["examples"]}
+        names = (SHARD_FILE.match(p.name) for p in (self.root / "shards").iterdir())
         self._next_seq = 1 + max([int(m[2]) for m in names if m and int(m[1]) == rank], default=-1)
         self._schema = _schema(metadata)
         self._pending: List[tuple] = []
@@ -563,7 +392,7 @@ class StoreWriter:
         """Commit the buffered examples as one shard (no-op when nothing is buffered)."""
         if not self._pending:
             return
-        pa = _pyarrow()
+        pa = import_pyarrow()
         name = f"r{self.rank:05d}-{self._next_seq:06d}.arrow"
         options = pa.ipc.IpcWriteOptions(compression=None if self.metadata.compression == "none" else "zstd")
         sink = pa.BufferOutputStream()
@@ -606,15 +435,15 @@ class RecordStore(Sequence):
     """
 
     def __init__(self, path, *, tokenizer=None, expected_tokenizer_hash: Optional[str] = None):
-        _pyarrow()
+        import_pyarrow()
         self.root = Path(path)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise RecordStoreError(f"{self.root} is not a record store (no meta.json)")
         self.metadata = StoreMetadata.from_json(meta_path.read_text(), str(meta_path))
         check_tokenizer(self.metadata, tokenizer, expected_tokenizer_hash, where=f"record store {self.root}")
-        self._shards = _load_index(self.root)
-        self._where = _indexed_examples(self._shards)
+        self._shards = load_index(self.root)
+        self._where = indexed_examples(self._shards)
         self.indices = np.array(sorted(self._where), dtype=np.int64)
         self._readers: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 
@@ -658,7 +487,7 @@ class RecordStore(Sequence):
         try:
             batch, custom = reader.get_batch_with_custom_metadata(position)
             example = _decode_example(batch, custom, self.metadata, where)
-        except _pyarrow().ArrowException as error:
+        except import_pyarrow().ArrowException as error:
             raise RecordStoreError(f"{where} is corrupt: cannot decode example {index}: {error}") from error
         if example.index != int(index) or example.num_positions != rows:
             raise RecordStoreError(f"{where} disagrees with the manifest at position {position}: holds example "
@@ -671,7 +500,7 @@ class RecordStore(Sequence):
         if reader is not None:
             self._readers.move_to_end(name)
             return reader
-        pa = _pyarrow()
+        pa = import_pyarrow()
         path = self.root / "shards" / name
         entry = self._shards[name]
         if not path.exists():

@@ -1,7 +1,10 @@
-"""The README stays true: its quick start is the example that tests/test_train.py runs, and it names every option of
-the public losses."""
+"""The README stays true: its quick start is the example that tests/test_train.py runs, its torchrun example runs
+on two gloo processes as written, and it names every option of the public losses."""
 import inspect
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,25 @@ def test_the_readme_names_every_option_of_the_public_losses(name):
 def test_every_linked_document_exists():
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README):
         assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
+TORCHRUN_BLOCKS = [block for block in _python_blocks((ROOT / "docs" / "distributed.md").read_text())
+                   if block.startswith("# torchrun --nproc_per_node 2")]
+
+
+def test_the_readme_distributed_example_is_one_of_docs_distributed():
+    assert any(block.startswith("# torchrun") for block in _python_blocks(README))
+    for block in _python_blocks(README):
+        if block.startswith("# torchrun"):
+            assert block in TORCHRUN_BLOCKS, "README.md's torchrun example must be one of docs/distributed.md's"
+
+
+@pytest.mark.parametrize("block", TORCHRUN_BLOCKS, ids=lambda block: block.split()[3])
+def test_the_torchrun_examples_run_as_written(block, tmp_path):
+    script = tmp_path / block.split()[3]
+    script.write_text(block)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("rank") >= 2, done.stdout

@@ -22,7 +22,6 @@ A teacher may be dense logits, :class:`~infigw.TopKRecord` records, or a :class:
 states and head, never materialised either): that teacher is summarised once per call, chunk by chunk, into a
 record of its top logits and logsumexp, and for the full-vocabulary ULD its paired rows are projected per chunk.
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
@@ -33,18 +32,21 @@ from .checks import (FLOAT_DTYPES, check_choice, check_count, check_k, check_opt
                      check_same_device)
 from .contract import REDUCTIONS, compute_dtype
 from .inputs import CallInputs, StudentSpec, resolve
-from .reference import row_logsumexp, uld_probabilities
+from .reference import select_topk, uld_probabilities
 from .reference.uld import padded_l1
 from .summary import TopKSummary
 from .teacher import TopKRecord, check_records_serve, teacher_name
 from .weighting import resolve_rule
 
-# Memory for the fp32 tiles of one chunk of positions (the logits, the summary's temporaries, the autograd of a
-# folded or recomputed term); ``chunk_size`` overrides the number of positions it gives (ours).
-CHUNK_BYTES = 128 * 2**20
-# (V,)-sized fp32 rows one position holds at once: the logits and the summary's selection and logsumexps; with a
-# term differentiated on the chunk; with the full-vocabulary ULD (both sorted distributions, their sort indices).
-_ROWS_SUMMARY, _ROWS_DIFFERENTIATED, _ROWS_FULL_ULD = 6, 10, 16
+# Memory for one chunk of positions (its fp32 logits and the temporaries of its statistics; ours): 3 % of the
+# call's fp32 logits, at least 64 MiB and at most 1 GiB. ``chunk_size`` overrides the positions per chunk.
+CHUNK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.03, 64 * 2**20, 2**30
+# Vocabulary columns per pass of the statistics and the gradient over a chunk's logits: their temporaries
+# (about _TILE_TEMPORARIES fp32 tiles of this width) stay small beside the logits.
+VOCAB_TILE, _TILE_TEMPORARIES = 4096, 5
+# fp32 (V,) rows per position with the full-vocabulary ULD: its logits, both sorted distributions, the sort
+# indices and the autograd of the sorted L1.
+_ROWS_FULL_ULD = 12
 
 
 # ----------------------------------------------------------------------------------------------- logits
@@ -55,11 +57,20 @@ class LogitTransform(NamedTuple):
     scale: float = 1.0
     softcap: Optional[float] = None
 
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        logits = raw * self.scale if self.scale != 1 else raw
+    def apply_(self, raw: torch.Tensor) -> torch.Tensor:
+        """The logits, in place of ``raw`` (fp32/fp64)."""
+        if self.scale != 1:
+            raw.mul_(self.scale)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            raw.div_(self.softcap).tanh_().mul_(self.softcap)
+        return raw
+
+    def derivative(self, logits: torch.Tensor) -> torch.Tensor:
+        """d logits / d raw, from the logits themselves: ``scale * (1 - (logits / softcap)^2)`` (tanh's derivative
+        read from its output, as autograd does)."""
+        if self.softcap is None:
+            return torch.full_like(logits, self.scale)
+        return (1 - (logits / self.softcap).square()).mul_(self.scale)
 
 
 # How transformers' forwards apply a config's logit scale, per attribute and model family (read in the modeling
@@ -95,19 +106,6 @@ def logit_settings(model_or_config) -> dict:
     return {"logit_scale": scale, "logit_softcapping": None if softcap is None else float(softcap)}
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in ``b``'s precision with an fp32 (fp64) result: low-precision operands are multiplied as such,
-    with fp32 accumulation, like the model's own head (on CPU, where matmuls have no fp32 output for them, the
-    result is rounded to ``b``'s dtype first, as the model's logits are)."""
-    out_dtype = compute_dtype(b.dtype)
-    a = a.to(b.dtype)
-    if b.dtype == out_dtype:
-        return torch.mm(a, b)
-    if b.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=out_dtype)
-    return torch.mm(a, b).to(out_dtype)
-
-
 def _gathered(tensor: Optional[torch.Tensor], differentiable: bool = True) -> Optional[torch.Tensor]:
     """A DTensor (an FSDP2-sharded head) gathered whole, once per call; its gradient goes back reduce-scattered and
     averaged over the mesh, as FSDP2 averages the gradients of data-parallel ranks. Other tensors as they are."""
@@ -120,6 +118,21 @@ def _gathered(tensor: Optional[torch.Tensor], differentiable: bool = True) -> Op
     return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
+def _project_(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias, transform) -> torch.Tensor:
+    """``out`` (c, V) fp32 (fp64) := the logits ``transform(hidden @ weight^T + bias)``. Low-precision operands are
+    multiplied as such with fp32 accumulation, like the model's own head; on CPU, where matmuls have no fp32 output
+    for them, the product is rounded to their dtype first, as the model's logits are."""
+    if weight.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    elif out.device.type == "cuda":
+        torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(hidden, weight.t()))
+    if bias is not None:
+        out.add_(bias)
+    return transform.apply_(out)
+
+
 class _Head(NamedTuple):
     """One model's validated hidden states (N, H) and head in one matmul dtype, the head gathered whole."""
 
@@ -129,10 +142,16 @@ class _Head(NamedTuple):
     transform: LogitTransform
     shape: torch.Size  # (B, T, V)
 
-    def logits(self, rows) -> torch.Tensor:
-        """fp32 (fp64) logits of the flat rows ``rows`` (a slice or an index tensor)."""
-        raw = _matmul(self.hidden[rows], self.weight.t())
-        return self.transform(raw if self.bias is None else raw + self.bias)
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.weight.dtype)
+
+    def logits(self, rows, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fp32 (fp64) logits of the flat rows ``rows`` (a slice or an index tensor), in ``out`` if given."""
+        hidden = self.hidden[rows]
+        if out is None:
+            out = torch.empty((hidden.shape[0], self.shape[-1]), dtype=self.dtype, device=hidden.device)
+        return _project_(out, hidden, self.weight, self.bias, self.transform)
 
 
 def _head(hidden, weight, bias, logit_scale, logit_softcapping, names, reference=None, differentiable=True) -> _Head:
@@ -158,6 +177,9 @@ def _head(hidden, weight, bias, logit_scale, logit_softcapping, names, reference
     for tensor, name in ((hidden, hidden_name), (weight, weight_name), (bias, bias_name)):
         if tensor is not None:
             check_same_device(reference, tensor, name, "the student's hidden states")
+    if getattr(weight, "ds_id", None) is not None:
+        raise ValueError(f"{weight_name} is a DeepSpeed ZeRO-3 parameter: the fused loss reads the head in its "
+                         "backward too, where ZeRO-3 has released it; not supported (use FSDP2 or the logits path)")
     check_positive(logit_scale, "logit_scale")
     if logit_softcapping is not None:
         check_positive(logit_softcapping, "logit_softcapping")
@@ -170,16 +192,87 @@ def _head(hidden, weight, bias, logit_scale, logit_softcapping, names, reference
                  torch.Size((batch, length, weight.shape[0])))
 
 
+# ----------------------------------------------------------------------------------------------- chunks
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield slice(start, min(total, start + size))
 
 
-def _chunk_rows(chunk_size: Optional[int], vocab: int, tiles: int) -> int:
-    """Positions per chunk: ``chunk_size``, or as many as :data:`CHUNK_BYTES` holds (``tiles`` fp32 rows each)."""
+def _vocab_tiles(vocab: int, k: int = 1):
+    """Column ranges of at most max(VOCAB_TILE, k) entries (a last range narrower than k joins the one before)."""
+    width = max(VOCAB_TILE, k)
+    starts = list(range(0, vocab, width))
+    if len(starts) > 1 and vocab - starts[-1] < k:
+        starts.pop()
+    return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [vocab])]
+
+
+def _chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, full_uld: bool = False):
+    """(positions per chunk, positions per block of the full-vocabulary ULD's autograd): ``chunk_size`` for both,
+    or as many as the budget holds: :data:`CHUNK_FRACTION` of the call's fp32 logits, within
+    [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], half of it for the ULD's blocks when there is one. A
+    position of a chunk holds its logits row and the vocabulary tile's temporaries; one of a ULD block its sorted
+    distributions and their autograd (``_ROWS_FULL_ULD`` rows)."""
     if chunk_size is not None:
-        return chunk_size
-    return max(1, CHUNK_BYTES // (4 * vocab * tiles))
+        return chunk_size, chunk_size
+    budget = min(max(CHUNK_FRACTION * rows * vocab * 4, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES) / (2 if full_uld else 1)
+    chunk = budget // (4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE))
+    block = budget // (4 * vocab * _ROWS_FULL_ULD)
+    return int(max(1, min(rows, chunk))), int(max(1, min(rows, block)))
+
+
+def _merge_topk(kept_a, ids_a, kept_b, ids_b, k: int):
+    """The top-k of two candidate sets of each row under the contract's tie rule (ties to the smaller id)."""
+    ids, order = torch.cat([ids_a, ids_b], -1).sort(-1)
+    kept, position = select_topk(torch.cat([kept_a, kept_b], -1).gather(-1, order), k)
+    return kept, ids.gather(-1, position)
+
+
+def _row_statistics(logits, valid, k: int, temperature: float, unit: bool, summarize):
+    """kept (c, k), ids (c, k), lse (c,), unit (c,) or empty of a chunk's logits (c, V), one vocabulary tile at a
+    time through the ``topk_summary`` op, merged (the top-k under the tie rule, online logsumexps)."""
+    kept = ids = lse = unit_lse = None
+    for tile in _vocab_tiles(logits.shape[-1], k):
+        tile_kept, tile_ids, tile_lse, tile_unit, _ = summarize(logits[:, tile], valid, k, temperature, None, unit)
+        tile_ids = tile_ids + tile.start
+        if kept is None:
+            kept, ids, lse, unit_lse = tile_kept, tile_ids, tile_lse, tile_unit
+            continue
+        kept, ids = _merge_topk(kept, ids, tile_kept, tile_ids, k)
+        lse = torch.logaddexp(lse, tile_lse)
+        unit_lse = torch.logaddexp(unit_lse, tile_unit) if unit else unit_lse
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)  # invalid rows read 0, as in the logits path
+    return kept, ids, torch.where(valid, lse, zero), torch.where(valid, unit_lse, zero) if unit else unit_lse
+
+
+def _dense_gradient_(logits, transform: LogitTransform, temperature: float, *, lse=None, unit=None, kept=None,
+                     gold=None, uld=None) -> torch.Tensor:
+    """Overwrite a chunk's logits (c, V) with the gradient, with respect to the head's raw output, of
+    ``sum(coefficient * quantity)`` over the per-row quantities the loss reads, one vocabulary tile at a time.
+
+    lse / unit: (coefficients (c,), values (c,)) of logsumexp(logits / T) and logsumexp(logits); kept / gold:
+    (coefficients (c, m), ids (c, m)) of single logits; uld: (c, V) gradient of the ULD terms w.r.t. the logits.
+    """
+    for tile in _vocab_tiles(logits.shape[-1]):
+        chunk = logits[:, tile]
+        grad = torch.zeros_like(chunk) if uld is None else uld[:, tile].clone()
+        if lse is not None:
+            coefficient, value = lse
+            scaled = (coefficient / temperature).unsqueeze(-1)
+            grad.add_(torch.exp(chunk / temperature - value.unsqueeze(-1)).mul_(scaled))
+        if unit is not None:
+            coefficient, value = unit
+            grad.add_(torch.exp(chunk - value.unsqueeze(-1)).mul_(coefficient.unsqueeze(-1)))
+        for entries in (kept, gold):
+            if entries is not None:
+                coefficient, ids = entries
+                inside = (ids >= tile.start) & (ids < tile.stop)
+                grad.scatter_add_(1, torch.where(inside, ids - tile.start, 0),
+                                  torch.where(inside, coefficient, torch.zeros_like(coefficient)))
+        if transform.softcap is not None or transform.scale != 1:
+            grad.mul_(transform.derivative(chunk))
+        chunk.copy_(grad)
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------- teachers
@@ -232,6 +325,14 @@ class _FullULD(NamedTuple):
             out.append(torch.where(partner >= 0, term, torch.zeros_like(term)))
         return torch.stack(out)
 
+    def gradient(self, logits: torch.Tensor, rows: slice, coefficients: torch.Tensor):
+        """The terms (S, c) of the rows ``rows`` and the gradient (c, V) of ``sum(coefficients * terms)``
+        (coefficients (S, c)) w.r.t. their logits: autograd through the reference definition."""
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            terms = self.terms(leaf, rows)
+            return terms.detach(), torch.autograd.grad((coefficients * terms).sum(), leaf)[0]
+
 
 class _Teachers:
     """The call's teachers: dense logits and records as given; a :class:`TeacherHead` becomes a record of its top
@@ -255,12 +356,9 @@ class _Teachers:
                              (f"{name}.hidden", f"{name}.weight", f"{name}.bias"), student.hidden, False)
                 check_k(required, head.shape[-1], "k", f"{name} vocabulary")
                 # the losses and the entropy weights read the top ``keep`` at most; one more slot holds the gold
-                kept = min(keep + gold_slot, head.shape[-1])
-                item = _record(head, kept, temperature, backend, _chunk_rows(chunk_size, head.shape[-1],
-                                                                             _ROWS_SUMMARY))
+                item = _record(head, min(keep + gold_slot, head.shape[-1]), temperature, backend, chunk_size)
             self.heads.append(head)
             self.resolvable.append(item)
-        self.keep, self.rows = keep, _chunk_rows(chunk_size, student.shape[-1], _ROWS_SUMMARY)
         self.keep_of = [None if head is None else min(keep, head.shape[-1]) for head in self.heads]
 
     def uld_teachers(self, inputs: CallInputs) -> list:
@@ -274,30 +372,32 @@ class _Teachers:
             if head is None or gold is None or record.values.shape[-1] == keep:
                 continue
             gold = gold.clamp(0, head.shape[-1] - 1)  # the ids at invalid positions are not checked
-            flat_gold, dtype = gold.reshape(-1), compute_dtype(head.weight.dtype)
+            rows, dtype = gold.reshape(-1), head.dtype
             with torch.no_grad():
-                gold_logit = torch.cat([head.transform(
-                    (head.hidden[rows].to(dtype) * head.weight[flat_gold[rows]].to(dtype)).sum(-1)
-                    + (0 if head.bias is None else head.bias[flat_gold[rows]]))
-                    for rows in _chunks(flat_gold.numel(), self.rows)]).view(gold.shape)
+                raw = (head.hidden.to(dtype) * head.weight[rows].to(dtype)).sum(-1)
+                gold_logit = head.transform.apply_(raw if head.bias is None else raw + head.bias[rows])
             replace = ~(record.indices[..., :keep] == gold.unsqueeze(-1)).any(-1) & inputs.teacher_valids[i]
             values, indices = record.values.clone(), record.indices.clone()
-            values[..., -1] = torch.where(replace, gold_logit.to(values.dtype), values[..., -1])
+            values[..., -1] = torch.where(replace, gold_logit.view(gold.shape).to(values.dtype), values[..., -1])
             indices[..., -1] = torch.where(replace, gold, indices[..., -1])
             inputs.teachers[i] = TopKRecord(values, indices, record.vocab_size, record.logsumexp, record.temperature)
             inputs.weighting.teachers[i] = inputs.teachers[i]
 
 
-def _record(head: _Head, keep: int, temperature: float, backend: str, rows_per_chunk: int) -> TopKRecord:
+def _record(head: _Head, keep: int, temperature: float, backend: str, chunk_size: Optional[int]) -> TopKRecord:
     """A head teacher's top-``keep`` logits and logsumexp(logits / temperature) at every position, chunk by chunk."""
     batch, length, vocab = head.shape
+    total = head.hidden.shape[0]
     _, summarize = dispatch.resolve("topk_summary", backend, head.hidden.device, keep)
-    every = torch.ones(head.hidden.shape[0], dtype=torch.bool, device=head.hidden.device)
+    every = torch.ones(total, dtype=torch.bool, device=head.hidden.device)
+    rows_per_chunk = _chunk_rows(chunk_size, total, vocab)[0]
+    buffer = torch.empty((min(rows_per_chunk, total), vocab), dtype=head.dtype, device=head.hidden.device)
     kept, ids, lse = [], [], []
     with torch.no_grad():
-        for rows in _chunks(head.hidden.shape[0], rows_per_chunk):
-            chunk_kept, chunk_ids, chunk_lse, _, _ = summarize(head.logits(rows), every[rows], keep, temperature,
-                                                               None, False)
+        for rows in _chunks(total, rows_per_chunk):
+            logits = head.logits(rows, buffer[:rows.stop - rows.start])
+            chunk_kept, chunk_ids, chunk_lse, _ = _row_statistics(logits, every[rows], keep, temperature, False,
+                                                                  summarize)
             kept.append(chunk_kept), ids.append(chunk_ids), lse.append(chunk_lse)
     return TopKRecord(torch.cat(kept).view(batch, length, keep), torch.cat(ids).view(batch, length, keep), vocab,
                       torch.cat(lse).view(batch, length), float(temperature))
@@ -323,29 +423,10 @@ class _Plan(NamedTuple):
     unit: bool  # also logsumexp(logits) at temperature 1 (the cross-entropy's, when temperature != 1)
     transform: LogitTransform
     rows: int  # positions per chunk
+    uld_rows: int  # positions per block of the full-vocabulary ULD's autograd
     backend: str
     uld: Optional[_FullULD]
     fold: Optional[_Fold]
-
-
-def _share(logits, rows: slice, plan: _Plan, *, kept=None, ids=None, lse=None, unit=None, gold=None, uld_terms=None,
-           uld_coefficients=None) -> torch.Tensor:
-    """The chunk's part of ``sum(coefficient * quantity)`` over the per-row quantities the loss reads (kept
-    logits, logsumexps, gold logit, ULD terms), each coefficient (N,)/(N, k)/(S, N) or None: its gradient with
-    respect to the chunk's logits is the chunk's share of the loss's gradient."""
-    total = logits.new_zeros(())
-    if kept is not None:
-        total = total + (kept[rows] * logits.gather(-1, ids[rows])).sum()
-    if lse is not None:
-        total = total + (lse[rows] * row_logsumexp(logits, plan.temperature)).sum()
-    if unit is not None:
-        total = total + (unit[rows] * row_logsumexp(logits, 1.0)).sum()
-    if gold is not None:
-        total = total + (gold[rows] * logits.gather(-1, plan.gold[rows].unsqueeze(-1)).squeeze(-1)).sum()
-    if uld_coefficients is not None:
-        terms = plan.uld.terms(logits, rows) if uld_terms is None else uld_terms
-        total = total + (uld_coefficients[:, rows] * terms).sum()
-    return total
 
 
 class _Gradients:
@@ -360,25 +441,27 @@ class _Gradients:
     def add_dense(self, rows: slice, hidden, grad_raw, weight) -> None:
         """A chunk's gradient (c, V) with respect to ``hidden @ W^T + b``."""
         if self.hidden is not None:
-            self.hidden[rows] += _matmul(grad_raw, weight)
+            target = self.hidden[rows]
+            if weight.dtype == target.dtype:
+                target.addmm_(grad_raw, weight)
+            elif weight.device.type == "cuda":
+                torch.addmm(target, grad_raw.to(weight.dtype), weight, out_dtype=target.dtype, out=target)
+            else:  # each position's row is written once: rounded like the logits path's bf16 product
+                target += torch.mm(grad_raw.to(weight.dtype), weight)
         if self.weight is not None:
-            if weight.dtype == self.weight.dtype:
+            if hidden.dtype == self.weight.dtype:
                 self.weight.addmm_(grad_raw.t(), hidden)
-            else:
-                self.weight += _matmul(grad_raw.t(), hidden)
+            elif hidden.device.type == "cuda":
+                torch.addmm(self.weight, grad_raw.t().to(hidden.dtype), hidden, out_dtype=self.weight.dtype,
+                            out=self.weight)
+            else:  # accumulated over chunks: in fp32
+                self.weight.addmm_(grad_raw.t(), hidden.to(self.weight.dtype))
         if self.bias is not None:
             self.bias += grad_raw.sum(0)
 
-    def add_sparse(self, rows: slice, hidden, columns, coefficients, weight, bias, transform) -> None:
-        """A chunk's gradient with respect to the logits at ``columns`` (c, m): ``coefficients`` (c, m)."""
-        weight_rows = weight[columns].to(coefficients.dtype)  # (c, m, H): the only rows of W this reads
-        if transform.softcap is None:
-            grad_raw = coefficients * transform.scale
-        else:  # tanh's derivative at these entries: their raw logits from the m rows
-            with torch.enable_grad():
-                raw = torch.einsum("ch,cmh->cm", hidden.to(coefficients.dtype), weight_rows)
-                raw = (raw if bias is None else raw + bias[columns]).requires_grad_()
-                grad_raw = torch.autograd.grad((coefficients * transform(raw)).sum(), raw)[0]
+    def add_sparse(self, rows: slice, hidden, columns, grad_raw, weight) -> None:
+        """A chunk's gradient with respect to the raw outputs at ``columns`` (c, m): ``grad_raw`` (c, m)."""
+        weight_rows = weight[columns].to(grad_raw.dtype)  # (c, m, H): the only rows of W this reads
         if self.hidden is not None:
             self.hidden[rows] += torch.einsum("cm,cmh->ch", grad_raw, weight_rows)
         flat = columns.reshape(-1)
@@ -404,9 +487,35 @@ def _chunk_input(hidden: torch.Tensor, valid: torch.Tensor, rows: slice) -> torc
                                                                             device=hidden.device))
 
 
-def _logits(hidden, weight, bias, transform) -> torch.Tensor:
-    raw = _matmul(hidden, weight.t())
-    return transform(raw if bias is None else raw + bias)
+def _block(entries, block: slice):
+    """Rows ``block`` of (coefficients, values) entries for :func:`_dense_gradient_`, or None."""
+    return None if entries is None else (entries[0][block], entries[1][block])
+
+
+def _chunk_gradient_(logits, rows: slice, plan: _Plan, *, lse=None, unit=None, kept=None, gold=None, uld=None):
+    """Overwrite a chunk's logits (c, V) with the gradient, w.r.t. the head's raw output, of
+    ``sum(coefficient * quantity)``: entries as in :func:`_dense_gradient_`, for the chunk's rows; ``uld``: (S, c)
+    coefficients of the full-vocabulary ULD terms, differentiated by blocks of ``plan.uld_rows`` positions.
+    Returns the chunk's ULD terms (S, c), or None without ``uld``."""
+    terms = []
+    for block in _chunks(logits.shape[0], logits.shape[0] if uld is None else plan.uld_rows):
+        uld_grad = None
+        if uld is not None:
+            block_terms, uld_grad = plan.uld.gradient(logits[block], _shifted(block, rows.start), uld[:, block])
+            terms.append(block_terms)
+        _dense_gradient_(logits[block], plan.transform, plan.temperature, lse=_block(lse, block),
+                         unit=_block(unit, block), kept=_block(kept, block), gold=_block(gold, block), uld=uld_grad)
+    return torch.cat(terms, dim=1) if terms else None
+
+
+def _shifted(block: slice, offset: int) -> slice:
+    return slice(block.start + offset, block.stop + offset)
+
+
+def _uld_terms(logits, rows: slice, plan: _Plan) -> torch.Tensor:
+    """(S, c) full-vocabulary ULD terms of a chunk, by blocks of ``plan.uld_rows`` positions (no gradient)."""
+    return torch.cat([plan.uld.terms(logits[block], _shifted(block, rows.start))
+                      for block in _chunks(logits.shape[0], plan.uld_rows)], dim=1)
 
 
 class _FusedSummary(torch.autograd.Function):
@@ -420,28 +529,35 @@ class _FusedSummary(torch.autograd.Function):
         _, summarize = dispatch.resolve("topk_summary", plan.backend, hidden.device, plan.k)
         fold = plan.fold if any(ctx.needs_input_grad[:3]) else None
         grads = None if fold is None else _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
+        dtype = compute_dtype(weight.dtype)
+        buffer = torch.empty((min(plan.rows, hidden.shape[0]), weight.shape[0]), dtype=dtype, device=hidden.device)
         outputs = [[] for _ in range(6)]
-        folded = hidden.new_zeros((), dtype=compute_dtype(weight.dtype))
+        folded = hidden.new_zeros((), dtype=dtype)
         for rows in _chunks(hidden.shape[0], plan.rows):
             chunk = _chunk_input(hidden, plan.valid, rows)
-            with nullcontext() if fold is None else torch.enable_grad():  # forward runs without grad
-                raw = _matmul(chunk, weight.t())
-                raw = (raw if bias is None else raw + bias).requires_grad_(fold is not None)
-                logits = plan.transform(raw)
-                stats = summarize(logits.detach(), plan.valid[rows], plan.k, plan.temperature,
-                                  None if plan.gold is None else plan.gold[rows], plan.unit)
-                terms = None if plan.uld is None else plan.uld.terms(logits, rows)
-                if fold is not None:
-                    share = _share(logits, rows, plan, unit=fold.unit, gold=fold.gold, uld_terms=terms,
-                                   uld_coefficients=fold.uld)
-                    grads.add_dense(rows, chunk, torch.autograd.grad(share, raw)[0], weight)
-                    folded += share.detach()
-            for out, value in zip(outputs, (*stats, terms)):
+            logits = _project_(buffer[:chunk.shape[0]], chunk, weight, bias, plan.transform)
+            kept, ids, lse, unit = _row_statistics(logits, plan.valid[rows], plan.k, plan.temperature, plan.unit,
+                                                   summarize)
+            gold_ids = None if plan.gold is None else plan.gold[rows].unsqueeze(-1)
+            gold = None if gold_ids is None else logits.gather(-1, gold_ids).squeeze(-1) * plan.valid[rows]
+            if fold is None:
+                terms = None if plan.uld is None else _uld_terms(logits, rows, plan)
+            else:  # the folded terms' gradient now, projected at once; the chunk's logits are overwritten
+                normaliser = unit if plan.unit else lse
+                terms = _chunk_gradient_(
+                    logits, rows, plan, unit=None if fold.unit is None else (fold.unit[rows], normaliser),
+                    gold=None if fold.gold is None else (fold.gold[rows].unsqueeze(-1), gold_ids),
+                    uld=None if fold.uld is None else fold.uld[:, rows])
+                for coefficient, value in ((fold.unit, normaliser), (fold.gold, gold), (fold.uld, terms)):
+                    if coefficient is not None:
+                        folded += (coefficient[..., rows] * value).sum()
+                grads.add_dense(rows, chunk, logits, weight)
+            for out, value in zip(outputs, (kept, ids, lse, unit, gold, terms)):
                 if value is not None:
-                    out.append(value.detach())
+                    out.append(value)
         kept, ids, lse, unit, gold = (torch.cat(out) if out else folded.new_empty(0) for out in outputs[:5])
         terms = torch.cat(outputs[5], dim=1) if outputs[5] else folded.new_empty(0)
-        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.save_for_backward(hidden, weight, bias, kept, ids, lse, unit, gold)
         ctx.plan, ctx.grads = plan, grads
         ctx.mark_non_differentiable(ids, *((unit, gold, terms) if fold is not None else ()))
         return kept, ids, lse, unit, gold, terms, folded
@@ -449,7 +565,7 @@ class _FusedSummary(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kept, _grad_ids, grad_lse, grad_unit, grad_gold, grad_terms, grad_folded):
-        hidden, weight, bias, ids = ctx.saved_tensors
+        hidden, weight, bias, kept, ids, lse, unit, gold = ctx.saved_tensors
         plan, grads, ctx.grads = ctx.plan, ctx.grads, None  # the folded gradients are scaled in place, once
         needed = ctx.needs_input_grad[:3]
         if plan.fold is not None and grads is None and grad_folded is not None and any(needed):
@@ -470,25 +586,34 @@ class _FusedSummary(torch.autograd.Function):
         sparse = grad_kept is not None or grad_gold is not None
         if not any(needed) or not (dense or sparse):
             return (*grads.result(hidden, weight, bias), None)
-        rows_per_chunk = plan.rows
-        if not dense:  # (c, m, H) rows of W per chunk: as many positions as the budget holds
-            rows_per_chunk = max(1, CHUNK_BYTES // (12 * (plan.k + 1) * hidden.shape[-1]))
+        gold_ids = None if plan.gold is None else plan.gold.unsqueeze(-1)
+        if dense:  # recompute each chunk's logits
+
+            def entries(coefficients, values, rows):
+                return None if coefficients is None else (coefficients[rows], values[rows])
+            buffer = torch.empty((min(plan.rows, hidden.shape[0]), weight.shape[0]), dtype=kept.dtype,
+                                 device=hidden.device)
+            for rows in _chunks(hidden.shape[0], plan.rows):
+                chunk = _chunk_input(hidden, valid, rows)
+                logits = _project_(buffer[:chunk.shape[0]], chunk, weight, bias, plan.transform)
+                _chunk_gradient_(logits, rows, plan, lse=entries(grad_lse, lse, rows),
+                                 unit=entries(grad_unit, unit, rows), kept=entries(grad_kept, ids, rows),
+                                 gold=entries(None if grad_gold is None else grad_gold.unsqueeze(-1), gold_ids, rows),
+                                 uld=None if grad_terms is None else grad_terms[:, rows])
+                grads.add_dense(rows, chunk, logits, weight)
+            return (*grads.result(hidden, weight, bias), None)
+        # sparse: only the kept entries and the gold logit; their logits give the transform's derivative
+        columns, grad_logits, logits = [], [], []
+        if grad_kept is not None:
+            columns.append(ids), grad_logits.append(grad_kept), logits.append(kept)
+        if grad_gold is not None:
+            columns.append(gold_ids), grad_logits.append(grad_gold.unsqueeze(-1)), logits.append(gold.unsqueeze(-1))
+        columns, logits = torch.cat(columns, -1), torch.cat(logits, -1)
+        grad_raw = torch.cat(grad_logits, -1) * plan.transform.derivative(logits)
+        # (c, m, H) gathered rows of W and their outer products per chunk
+        rows_per_chunk = max(1, MIN_CHUNK_BYTES // (12 * columns.shape[-1] * hidden.shape[-1]))
         for rows in _chunks(hidden.shape[0], rows_per_chunk):
-            chunk = _chunk_input(hidden, valid, rows)
-            if dense:
-                with torch.enable_grad():
-                    raw = _matmul(chunk, weight.t())
-                    raw = (raw if bias is None else raw + bias).requires_grad_()
-                    share = _share(plan.transform(raw), rows, plan, kept=grad_kept, ids=ids, lse=grad_lse,
-                                   unit=grad_unit, gold=grad_gold, uld_coefficients=grad_terms)
-                    grads.add_dense(rows, chunk, torch.autograd.grad(share, raw)[0], weight)
-                continue
-            columns = [ids[rows]] if grad_kept is not None else []
-            coefficients = [grad_kept[rows]] if grad_kept is not None else []
-            if grad_gold is not None:
-                columns.append(plan.gold[rows].unsqueeze(-1)), coefficients.append(grad_gold[rows].unsqueeze(-1))
-            grads.add_sparse(rows, chunk, torch.cat(columns, -1), torch.cat(coefficients, -1), weight, bias,
-                             plan.transform)
+            grads.add_sparse(rows, _chunk_input(hidden, valid, rows), columns[rows], grad_raw[rows], weight)
         return (*grads.result(hidden, weight, bias), None)
 
 
@@ -537,11 +662,10 @@ def _student_pass(student: _Student, inputs: CallInputs, finish, *, ce: bool = F
     if reduction != "none" and linear_terms and not (lse_grad and full_uld is None):
         fold = _linear_coefficients(finish, inputs, vocab, student.temperature, ce_grad, full_uld is not None,
                                     compute_dtype(head.weight.dtype))
-    tiles = (_ROWS_FULL_ULD if full_uld is not None else
-             _ROWS_DIFFERENTIATED if fold is not None or lse_grad or ce_grad else _ROWS_SUMMARY)
     gold = torch.where(inputs.valid, inputs.labels, torch.zeros_like(inputs.labels)).reshape(-1) if ce else None
+    rows, uld_rows = _chunk_rows(student.chunk_size, batch * length, vocab, full_uld is not None)
     plan = _Plan(inputs.valid.reshape(-1), student.k, student.temperature, gold, ce and student.temperature != 1,
-                 head.transform, _chunk_rows(student.chunk_size, vocab, tiles), student.backend, full_uld, fold)
+                 head.transform, rows, uld_rows, student.backend, full_uld, fold)
     kept, ids, lse, unit, gold_logit, terms, folded = _FusedSummary.apply(head.hidden, head.weight, head.bias, plan)
     lse = lse.view(batch, length)
     unit = unit.view(batch, length) if plan.unit else lse
@@ -601,8 +725,8 @@ def fused_linear_gld_loss(student_hidden, lm_head_weight, teacher_logits, labels
     functional.check_graph_options(values, nodes, graph_norm, scope, num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
     head, teachers = _prepare(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping,
-                              teacher_logits, required=k, keep=k, temperature=temperature, teacher_weights=teacher_weights,
-                              backend=backend, chunk_size=chunk_size)
+                              teacher_logits, required=k, keep=k, temperature=temperature,
+                              teacher_weights=teacher_weights, backend=backend, chunk_size=chunk_size)
     inputs = _resolved(head, teachers, labels, mask=mask, teacher_labels=teacher_labels, teacher_mask=teacher_mask,
                        ignore_index=ignore_index, k=k, temperature=temperature, teacher_weights=teacher_weights,
                        weight_temperature=weight_temperature, weight_granularity=weight_granularity)

@@ -8,7 +8,6 @@ import torch
 import infigw
 import infigw.functional as F
 from infigw import TeacherHead, TopKRecord, logit_settings
-from infigw.fused_linear import LogitTransform
 
 from .helpers import NODE_MODES, NORM_MODES, VALUE_MODES, assert_close
 
@@ -40,8 +39,7 @@ def _teacher_head(seed=10, softcap=None):
 
 
 def _dense(head: TeacherHead):
-    transform = LogitTransform(head.logit_scale, head.logit_softcapping)
-    return transform(head.hidden @ head.weight.t() + head.bias)
+    return _logits(head.hidden, head.weight, head.bias, head.logit_scale, head.logit_softcapping)
 
 
 def _teacher(kind, seed=10, temperature=1.0):
@@ -96,16 +94,16 @@ def _aligned(**options):
 @pytest.mark.parametrize("values,nodes,norm,distance",
                          list(itertools.product(VALUE_MODES, NODE_MODES, NORM_MODES, ("l1", "gw1d"))))
 def test_gld_every_graph_mode_matches_the_logits_path(values, nodes, norm, distance):
-    _check(F.fused_linear_gld_loss, F.gld_loss, "dense", **_aligned(k=4, values=values, nodes=nodes,
-                                                                     graph_norm=norm, distance=distance))
+    options = _aligned(k=4, values=values, nodes=nodes, graph_norm=norm, distance=distance)
+    _check(F.fused_linear_gld_loss, F.gld_loss, "dense", **options)
 
 
 @pytest.mark.parametrize("teacher", ["dense", "record", "head"])
 @pytest.mark.parametrize("values", VALUE_MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gld_teachers_and_reductions(teacher, values, reduction):
-    _check(F.fused_linear_gld_loss, F.gld_loss, teacher, **_aligned(k=5, values=values, reduction=reduction,
-                                                                     temperature=1.7))
+    options = _aligned(k=5, values=values, reduction=reduction, temperature=1.7)
+    _check(F.fused_linear_gld_loss, F.gld_loss, teacher, **options)
 
 
 @pytest.mark.parametrize("scope,num_nodes", [("batch", None), ("sequence", 6)])
@@ -119,6 +117,37 @@ def test_logit_post_processing_and_chunk_boundaries(chunk_size, scale, softcap):
     """Softcapping and scales change the sparse backward (tanh's derivative at the kept entries)."""
     _check(F.fused_linear_gld_loss, F.gld_loss, "dense", scale=scale, softcap=softcap, chunk_size=chunk_size,
            **_aligned(k=4))
+
+
+@pytest.mark.parametrize("loss,logits_loss,options", [
+    (F.fused_linear_gld_loss, F.gld_loss, dict(k=4)),
+    (F.fused_linear_gld_loss, F.gld_loss, dict(k=9, values="probs", nodes="rank")),
+    (F.fused_linear_infigfusion_loss, F.infigfusion_loss, dict(k=4, uld_top_k=4, temperature=2.0)),
+])
+@pytest.mark.parametrize("teacher", ["dense", "head"])
+def test_vocabulary_tiles_merge_exactly_with_ties(monkeypatch, loss, logits_loss, options, teacher):
+    """Statistics over vocabulary tiles of 7 columns (the last, narrower than k, joins the one before) on integer
+    logits full of ties: the merged top-k keeps the smaller ids, as one selection over the row does."""
+    monkeypatch.setattr(infigw.fused_linear, "VOCAB_TILE", 7)
+    hidden = torch.randint(-2, 3, (B, T, H), generator=torch.Generator().manual_seed(8)).float()
+    weight = torch.randint(-1, 2, (V, H), generator=torch.Generator().manual_seed(9)).float()
+    fused_teacher, dense_teacher = _teacher(teacher)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    fused = loss(*leaves, fused_teacher, chunk_size=5, **_aligned(**options))
+    references = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    expected = logits_loss(references[0] @ references[1].t(), dense_teacher, **_aligned(**options))
+    _close(fused, expected, "loss")
+    for name, actual, reference in zip(("hidden", "weight"), torch.autograd.grad(fused, leaves),
+                                       torch.autograd.grad(expected, references)):
+        _close(actual, reference, f"grad {name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_full_uld_blocks_smaller_than_chunks(monkeypatch, reduction):
+    """The full-vocabulary ULD's autograd runs on blocks of a chunk's positions (3 here, chunks of 8)."""
+    monkeypatch.setattr(infigw.fused_linear, "_chunk_rows", lambda *args: (8, 3))
+    _check(F.fused_linear_infigfusion_loss, F.infigfusion_loss, "head", chunk_size=None,
+           **_aligned(k=4, reduction=reduction))
 
 
 def test_masks_instead_of_labels_and_no_bias():
@@ -147,9 +176,9 @@ def test_nan_hidden_states_at_padding_stay_out_of_the_gradients():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_uld_matches_the_logits_path(teacher, top_k, standardize, tail, reduction):
     """Full vocabulary under "mean" folds its gradient into the forward; under "none" the backward recomputes."""
-    _check(F.fused_linear_uld_loss, F.uld_loss, teacher, **_aligned(top_k=top_k, standardize=standardize,
-                                                                     record_tail=tail, reduction=reduction,
-                                                                     temperature=1.3))
+    options = _aligned(top_k=top_k, standardize=standardize, record_tail=tail, reduction=reduction,
+                       temperature=1.3)
+    _check(F.fused_linear_uld_loss, F.uld_loss, teacher, **options)
 
 
 # ----------------------------------------------------------------------------------------------- objective

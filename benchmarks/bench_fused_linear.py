@@ -1,0 +1,162 @@
+"""Fused-linear losses against the logits path: time and peak extra memory of forward + backward, LM head included.
+
+    python -m benchmarks.bench_fused_linear                      # CPU: B*T = 8192, H = 1024, V = 32000, fp32
+    python -m benchmarks.bench_fused_linear --quick              # CPU, B*T = 1024: a minute
+    python -m benchmarks.bench_fused_linear --gpu --out DIR      # CUDA: B*T = 16384, V = 151936, bf16
+
+Per loss, both paths compute the loss and the gradients of the hidden states (B, T, H) and the head (V, H) from the
+same inputs: the logits path forms ``logits = hidden @ W^T`` and calls the logits-path loss; the fused path calls
+its ``fused_linear_*`` counterpart. The teacher is a stored :class:`~infigw.TopKRecord` (k_t = 32, vocabulary
+V + 500, with its logsumexp), the same object for both paths, so the numbers are the student's.
+
+Losses: ``gld`` (``gld_loss`` defaults: k = 10, values "logits"), ``objective-topk`` (``infigfusion_loss`` with
+``uld_top_k=10``: cross-entropy + GLD + top-k ULD), ``objective`` (its defaults: the full-vocabulary ULD).
+
+Time: the median (and 20 %/80 % quantiles) over ``--repeat`` calls after one warm-up (``benchmarks.common``).
+Memory: the peak of the call above what was allocated before it, minus the gradients the call returns (both
+paths return the same ones), so it is what each path needs beyond its inputs and outputs: the logits path's
+logits, their gradient and the loss's temporaries; the fused path's chunk, its accumulators and the summary. On
+CPU each (loss, path) runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` set, so that freed blocks go back
+to the system and the resident-set peak (VmHWM) sees live memory only; on CUDA the allocator's peak.
+Prints a Markdown table (the fused/logits ratios too) and writes ``fused_linear_<device>.csv`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from benchmarks import common
+
+LOSSES = ("gld", "objective-topk", "objective")
+PATHS = ("logits", "fused")
+TEACHER_K, TEACHER_EXTRA_VOCAB = 32, 500
+SEQUENCE = 512  # positions per sequence: B = rows / SEQUENCE
+
+
+def _options(loss):
+    return {"gld": {}, "objective-topk": {"uld_top_k": 10}, "objective": {}}[loss]
+
+
+def _inputs(rows, hidden_size, vocab, dtype, device, seed=0):
+    """hidden (B, T, H), weight (V, H) with logits of a few units, labels (B, T) with padding, a teacher record."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, length = max(1, rows // SEQUENCE), min(rows, SEQUENCE)
+    hidden = torch.randn(batch, length, hidden_size, generator=generator).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * (2.0 / hidden_size ** 0.5)).to(device, dtype)
+    labels = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels[:, -length // 16:] = -100  # some padding at the end of every sequence
+    teacher_vocab = vocab + TEACHER_EXTRA_VOCAB
+    values, indices, lse = [], [], []
+    for start in range(0, batch * length, 1024):  # the teacher's logits exist one block at a time
+        block = torch.randn(min(1024, batch * length - start), teacher_vocab, generator=generator) * 2
+        top = block.topk(TEACHER_K, dim=-1)
+        values.append(top.values), indices.append(top.indices), lse.append(block.logsumexp(-1))
+    from infigw import TopKRecord
+
+    shape = (batch, length)
+    teacher = TopKRecord(torch.cat(values).view(*shape, TEACHER_K).to(device),
+                         torch.cat(indices).view(*shape, TEACHER_K).to(device), teacher_vocab,
+                         torch.cat(lse).view(shape).to(device))
+    return hidden, weight, labels.to(device), teacher
+
+
+def _call(loss, path, hidden, weight, labels, teacher):
+    """One forward + backward; returns the gradients (kept alive until the measurement ends)."""
+    from infigw import functional as F
+
+    leaves = (hidden.detach().requires_grad_(), weight.detach().requires_grad_())
+    options = _options(loss)
+    if path == "fused":
+        function = F.fused_linear_gld_loss if loss == "gld" else F.fused_linear_infigfusion_loss
+        value = function(*leaves, teacher, labels, **options)
+    else:
+        function = F.gld_loss if loss == "gld" else F.infigfusion_loss
+        value = function(leaves[0] @ leaves[1].t(), teacher, labels, **options)
+    return torch.autograd.grad(value, leaves)
+
+
+def measure(loss, path, rows, hidden_size, vocab, dtype, device, repeat):
+    """{"p50_ms", "p20_ms", "p80_ms", "peak_extra_bytes"} of one (loss, path) in this process."""
+    hidden, weight, labels, teacher = _inputs(rows, hidden_size, vocab, dtype, device)
+    gradient_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+
+    def call():
+        return _call(loss, path, hidden, weight, labels, teacher)
+    timing = common.time_cuda(call) if device == "cuda" else common.time_cpu(call, repeat=repeat)
+    return {"p50_ms": timing.p50_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+            "peak_extra_bytes": timing.peak_extra_bytes - gradient_bytes}
+
+
+def _in_fresh_process(loss, path, args):
+    """:func:`measure` in a child process whose freed memory returns to the system (see the module docstring)."""
+    spec = json.dumps(dict(loss=loss, path=path, rows=args.rows, hidden_size=args.hidden, vocab=args.vocab,
+                           dtype=args.dtype, device=args.device, repeat=args.repeat))
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fused_linear", "--child", spec], env=environment,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {loss}/{path} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="CUDA, B*T = 16384, V = 151936, bf16")
+    parser.add_argument("--quick", action="store_true", help="B*T = 1024 (CPU)")
+    parser.add_argument("--rows", type=int, default=8192, help="B*T (default 8192)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls after one warm-up (CPU)")
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        spec["dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+        print(json.dumps(measure(**spec)))
+        return
+    args.device = "cuda" if args.gpu else "cpu"
+    if args.gpu:
+        args.rows, args.vocab, args.dtype = 16384, 151936, "bf16"
+    elif args.quick:
+        args.rows = 1024
+    shape = f"B*T={args.rows},H={args.hidden},V={args.vocab},{args.dtype}"
+    rows, lines = [], []
+    for loss in args.losses:
+        results = {}
+        for path in PATHS:
+            if args.device == "cuda":  # the CUDA allocator's statistics need no fresh process
+                spec = dict(rows=args.rows, hidden_size=args.hidden, vocab=args.vocab, device="cuda",
+                            dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, repeat=args.repeat)
+                results[path] = measure(loss, path, **spec)
+            else:
+                results[path] = _in_fresh_process(loss, path, args)
+            result = results[path]
+            timing = common.Timing(result["p50_ms"], result["p20_ms"], result["p80_ms"], result["peak_extra_bytes"])
+            rows.append(common.row(loss, path, "fwd+bwd", shape, timing, args.device))
+            extra = result["peak_extra_bytes"] / 2**20
+            print(f"{loss:15s} {path:7s} {result['p50_ms']:10.1f} ms  extra {extra:9.1f} MiB", flush=True)
+        fused, logits = results["fused"], results["logits"]
+        seconds = {path: f"{r['p50_ms'] / 1e3:.2f} ({r['p20_ms'] / 1e3:.2f}–{r['p80_ms'] / 1e3:.2f})"
+                   for path, r in results.items()}
+        lines.append(f"| {loss} | {seconds['logits']} | {seconds['fused']} "
+                     f"| {fused['p50_ms'] / logits['p50_ms']:.2f}× | {logits['peak_extra_bytes'] / 2**20:.0f} "
+                     f"| {fused['peak_extra_bytes'] / 2**20:.0f} "
+                     f"| {100 * fused['peak_extra_bytes'] / logits['peak_extra_bytes']:.1f} % |")
+    common.write_csv(rows, os.path.join(args.out, f"fused_linear_{args.device}.csv"))
+    print(f"\n{shape}, {common.device_name(args.device)}, commit {common.commit()}")
+    print("| loss | logits path s (p20–p80) | fused s (p20–p80) | time fused/logits | logits extra MiB "
+          "| fused extra MiB | memory fused/logits |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

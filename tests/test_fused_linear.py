@@ -410,6 +410,26 @@ def test_teacher_head_from_a_model():
     _close(fused, F.gld_loss(student(input_ids=ids).logits, teacher_logits, k=4, values="probs"), "loss")
 
 
+def test_the_trainer_drop_in_of_the_docs():
+    """docs/fused_linear.md's compute_loss, step by step: the model's forward keeping one position of logits gives
+    the head's input as its last hidden state; the fused objective on it equals the objective on full logits."""
+    student, teacher_model = _tiny_model("llama"), _tiny_model("gemma2")
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    loss = infigw.FusedLinearInfiGFusionLoss(k=10, **logit_settings(student))
+    outputs = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+    assert outputs.logits.shape[1] == 1
+    with torch.no_grad():
+        teacher_outputs = teacher_model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        teacher_logits = teacher_model(input_ids=ids).logits
+    teacher = TeacherHead.from_model(teacher_model, teacher_outputs.hidden_states[-1])
+    head = student.get_output_embeddings()
+    fused = loss(outputs.hidden_states[-1], head.weight, teacher, targets, lm_head_bias=head.bias)
+    expected = F.infigfusion_loss(student(input_ids=ids).logits, teacher_logits, targets, k=10)
+    _close(fused, expected, "loss")
+    _close(torch.autograd.grad(fused, head.weight)[0], torch.autograd.grad(expected, head.weight)[0], "grad head")
+
+
 def test_logit_settings_refuse_an_unknown_scaling():
     class Config:
         model_type = "newmodel"

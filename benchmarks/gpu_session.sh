@@ -29,8 +29,8 @@ fi
 
 if want test; then
   step "GPU tests"
-  # the device-parametrised extension tests on CUDA, then every Triton/CUDA/DLF test file in full
-  python3 -m pytest tests/test_extension_ops.py -k cuda -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+  # the device-parametrised extension and fused-linear tests on CUDA, then every Triton/CUDA/DLF test file in full
+  python3 -m pytest tests/test_extension_ops.py tests/test_fused_linear.py -k cuda -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   python3 -m pytest tests/test_cuda_kernels.py tests/test_triton.py tests/test_dlf.py -q -p no:cacheprovider \

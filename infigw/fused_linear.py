@@ -38,12 +38,13 @@ from .summary import TopKSummary
 from .teacher import TopKRecord, check_records_serve, teacher_name
 from .weighting import resolve_rule
 
-# Memory for one chunk of positions (its fp32 logits and the temporaries of its statistics; ours): 3 % of the
-# call's fp32 logits, at least 64 MiB and at most 1 GiB. ``chunk_size`` overrides the positions per chunk.
-CHUNK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.03, 64 * 2**20, 2**30
+# Memory for one chunk of positions (its fp32 logits and the temporaries of its statistics; ours): 5 % of what
+# the logits path holds (the logits and their gradient in the head's dtype), at least 64 MiB and at most 1 GiB.
+# ``chunk_size`` overrides the positions per chunk.
+CHUNK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.05, 64 * 2**20, 2**30
 # Vocabulary columns per pass of the statistics and the gradient over a chunk's logits: their temporaries
 # (about _TILE_TEMPORARIES fp32 tiles of this width) stay small beside the logits.
-VOCAB_TILE, _TILE_TEMPORARIES = 4096, 5
+VOCAB_TILE, _TILE_TEMPORARIES = 8192, 5
 # fp32 (V,) rows per position with the full-vocabulary ULD: its logits, both sorted distributions, the sort
 # indices and the autograd of the sorted L1.
 _ROWS_FULL_ULD = 12
@@ -207,15 +208,16 @@ def _vocab_tiles(vocab: int, k: int = 1):
     return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [vocab])]
 
 
-def _chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, full_uld: bool = False):
+def _chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, itemsize: int, full_uld: bool = False):
     """(positions per chunk, positions per block of the full-vocabulary ULD's autograd): ``chunk_size`` for both,
-    or as many as the budget holds: :data:`CHUNK_FRACTION` of the call's fp32 logits, within
-    [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], half of it for the ULD's blocks when there is one. A
-    position of a chunk holds its logits row and the vocabulary tile's temporaries; one of a ULD block its sorted
-    distributions and their autograd (``_ROWS_FULL_ULD`` rows)."""
+    or as many as the budget holds: :data:`CHUNK_FRACTION` of the logits path's logits and gradient (``itemsize``
+    bytes each), within [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], half of it for the ULD's blocks when
+    there is one. A position of a chunk holds its fp32 logits row and the vocabulary tile's temporaries; one of a
+    ULD block its sorted distributions and their autograd (``_ROWS_FULL_ULD`` rows)."""
     if chunk_size is not None:
         return chunk_size, chunk_size
-    budget = min(max(CHUNK_FRACTION * rows * vocab * 4, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES) / (2 if full_uld else 1)
+    logits_path = 2 * rows * vocab * itemsize
+    budget = min(max(CHUNK_FRACTION * logits_path, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES) / (2 if full_uld else 1)
     chunk = budget // (4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE))
     block = budget // (4 * vocab * _ROWS_FULL_ULD)
     return int(max(1, min(rows, chunk))), int(max(1, min(rows, block)))
@@ -248,30 +250,39 @@ def _row_statistics(logits, valid, k: int, temperature: float, unit: bool, summa
 def _dense_gradient_(logits, transform: LogitTransform, temperature: float, *, lse=None, unit=None, kept=None,
                      gold=None, uld=None) -> torch.Tensor:
     """Overwrite a chunk's logits (c, V) with the gradient, with respect to the head's raw output, of
-    ``sum(coefficient * quantity)`` over the per-row quantities the loss reads, one vocabulary tile at a time.
+    ``sum(coefficient * quantity)`` over the per-row quantities the loss reads, one vocabulary tile at a time and
+    in place where it can (the softmax of the cross-entropy's normaliser is taken in the logits' own storage).
 
     lse / unit: (coefficients (c,), values (c,)) of logsumexp(logits / T) and logsumexp(logits); kept / gold:
     (coefficients (c, m), ids (c, m)) of single logits; uld: (c, V) gradient of the ULD terms w.r.t. the logits.
     """
     for tile in _vocab_tiles(logits.shape[-1]):
         chunk = logits[:, tile]
-        grad = torch.zeros_like(chunk) if uld is None else uld[:, tile].clone()
+        # the transform's derivative and the temperature's softmax read the logits before they are overwritten
+        derivative = transform.derivative(chunk) if transform.softcap is not None else None
+        tempered = None
         if lse is not None:
             coefficient, value = lse
-            scaled = (coefficient / temperature).unsqueeze(-1)
-            grad.add_(torch.exp(chunk / temperature - value.unsqueeze(-1)).mul_(scaled))
+            tempered = torch.div(chunk, temperature).sub_(value.unsqueeze(-1)).exp_()
+            tempered.mul_((coefficient / temperature).unsqueeze(-1))
         if unit is not None:
             coefficient, value = unit
-            grad.add_(torch.exp(chunk - value.unsqueeze(-1)).mul_(coefficient.unsqueeze(-1)))
+            chunk.sub_(value.unsqueeze(-1)).exp_().mul_(coefficient.unsqueeze(-1))
+        else:
+            chunk.zero_()
+        for part in (tempered, None if uld is None else uld[:, tile]):
+            if part is not None:
+                chunk.add_(part)
         for entries in (kept, gold):
             if entries is not None:
                 coefficient, ids = entries
                 inside = (ids >= tile.start) & (ids < tile.stop)
-                grad.scatter_add_(1, torch.where(inside, ids - tile.start, 0),
-                                  torch.where(inside, coefficient, torch.zeros_like(coefficient)))
-        if transform.softcap is not None or transform.scale != 1:
-            grad.mul_(transform.derivative(chunk))
-        chunk.copy_(grad)
+                chunk.scatter_add_(1, torch.where(inside, ids - tile.start, 0),
+                                   torch.where(inside, coefficient, torch.zeros_like(coefficient)))
+        if derivative is not None:
+            chunk.mul_(derivative)
+        elif transform.scale != 1:
+            chunk.mul_(transform.scale)
     return logits
 
 
@@ -390,7 +401,7 @@ def _record(head: _Head, keep: int, temperature: float, backend: str, chunk_size
     total = head.hidden.shape[0]
     _, summarize = dispatch.resolve("topk_summary", backend, head.hidden.device, keep)
     every = torch.ones(total, dtype=torch.bool, device=head.hidden.device)
-    rows_per_chunk = _chunk_rows(chunk_size, total, vocab)[0]
+    rows_per_chunk = _chunk_rows(chunk_size, total, vocab, head.weight.element_size())[0]
     buffer = torch.empty((min(rows_per_chunk, total), vocab), dtype=head.dtype, device=head.hidden.device)
     kept, ids, lse = [], [], []
     with torch.no_grad():
@@ -663,7 +674,8 @@ def _student_pass(student: _Student, inputs: CallInputs, finish, *, ce: bool = F
         fold = _linear_coefficients(finish, inputs, vocab, student.temperature, ce_grad, full_uld is not None,
                                     compute_dtype(head.weight.dtype))
     gold = torch.where(inputs.valid, inputs.labels, torch.zeros_like(inputs.labels)).reshape(-1) if ce else None
-    rows, uld_rows = _chunk_rows(student.chunk_size, batch * length, vocab, full_uld is not None)
+    rows, uld_rows = _chunk_rows(student.chunk_size, batch * length, vocab, head.weight.element_size(),
+                                 full_uld is not None)
     plan = _Plan(inputs.valid.reshape(-1), student.k, student.temperature, gold, ce and student.temperature != 1,
                  head.transform, rows, uld_rows, student.backend, full_uld, fold)
     kept, ids, lse, unit, gold_logit, terms, folded = _FusedSummary.apply(head.hidden, head.weight, head.bias, plan)

@@ -264,21 +264,29 @@ def test_gradcheck_of_the_sparse_and_recomputed_backward():
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
-def test_bf16_student_matches_the_logits_path_in_bf16():
-    """A bf16 head: the matmul in bf16 with fp32 accumulation (on CPU its result is rounded to bf16, as the
-    model's logits are), everything after it in fp32; the gradients reach the bf16 leaves in bf16."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_devices_and_dtypes(device, dtype):
+    """The head's matmul in its dtype with fp32 accumulation (on CPU a bf16 product is rounded to bf16 first, as
+    the model's logits are), everything after it in fp32; the gradients reach the leaves in their dtype."""
     teacher, _ = _teacher("dense")
-    hidden, weight, bias = (t.bfloat16().requires_grad_() for t in _student())
+    teacher = teacher.to(device)
+    hidden, weight, bias = (t.to(device, dtype).requires_grad_() for t in _student())
     options = _aligned(k=4, uld_top_k=4)
+    options = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in options.items()}
     fused = F.fused_linear_infigfusion_loss(hidden, weight, teacher, lm_head_bias=bias, chunk_size=5, **options)
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    logits = (leaves[0] @ leaves[1].t()).float() + leaves[2].float()
-    expected = F.infigfusion_loss(logits, teacher, **options)
-    _close(fused, expected, "loss")
+    product = leaves[0] @ leaves[1].t() if device == "cpu" else leaves[0].float() @ leaves[1].float().t()
+    expected = F.infigfusion_loss(product.float() + leaves[2].float(), teacher, **options)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    _close(fused, expected, "loss", rtol)
     for name, actual, reference in zip(("hidden", "weight", "bias"), torch.autograd.grad(fused, (hidden, weight, bias)),
                                        torch.autograd.grad(expected, leaves)):
-        assert actual.dtype == torch.bfloat16
-        _close(actual, reference, f"grad {name}", rtol=1e-2)
+        assert actual.dtype == dtype and actual.device.type == device
+        _close(actual, reference, f"grad {name}", rtol)
 
 
 def test_mixed_dtypes_run_in_the_wider_one():

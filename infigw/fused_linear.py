@@ -74,14 +74,12 @@ class LogitTransform(NamedTuple):
         return (1 - (logits / self.softcap).square()).mul_(self.scale)
 
 
-# How transformers' forwards apply a config's logit scale, per attribute and model family (read in the modeling
-# files of transformers 5.x; Llama, Gemma-2, Cohere and Granite are checked against the models in the tests).
-_MULTIPLY, _DIVIDE = "multiply", "divide"
-_SCALES = {
-    "logit_scale": lambda model_type: _MULTIPLY,  # Cohere, Cohere2: logits * logit_scale
-    "output_multiplier": lambda model_type: _MULTIPLY,  # MuseSpark: before the softcap
-    "logits_scaling": lambda model_type: (_DIVIDE if model_type.startswith("granite")  # logits / logits_scaling
-                                          else _MULTIPLY if model_type == "hyperclovax" else None),
+# How transformers' forwards apply a config's logit scale: attribute -> (model type prefix, operation) pairs, read
+# in the modeling files of transformers 5.x (Llama, Gemma-2, Cohere and Granite are checked in the tests).
+_LOGIT_SCALES = {
+    "logit_scale": (("cohere", "multiply"),),  # Cohere, Cohere2: logits * logit_scale
+    "output_multiplier": (("muse", "multiply"),),  # MuseSpark: logits * output_multiplier, then the soft cap
+    "logits_scaling": (("granite", "divide"), ("hyperclovax", "multiply")),
 }
 
 
@@ -89,20 +87,21 @@ def logit_settings(model_or_config) -> dict:
     """``{"logit_scale": s, "logit_softcapping": c}``: how a transformers model post-processes its LM head's output
     (``final_logit_softcapping``; Cohere's ``logit_scale``; Granite's ``logits_scaling``, a divisor, as
     ``1 / logits_scaling``), as keyword arguments of the fused-linear losses. A scaling attribute whose use by this
-    model family is unknown raises: pass the settings yourself then (read the model's ``forward``)."""
+    model family is not known here raises: pass the settings yourself then (read the model's ``forward``)."""
     config = getattr(model_or_config, "config", model_or_config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     model_type = str(getattr(config, "model_type", ""))
     scale = 1.0
-    for attribute, how in _SCALES.items():
+    for attribute, families in _LOGIT_SCALES.items():
         value = getattr(config, attribute, None)
         if value is None:
             continue
-        if how(model_type) is None:
+        operation = next((how for prefix, how in families if model_type.startswith(prefix)), None)
+        if operation is None:
             raise ValueError(f"{model_type or 'this model'} sets {attribute}={value!r}, whose use in its forward is "
                              "not known here: pass logit_scale / logit_softcapping yourself")
-        scale = scale * float(value) if how(model_type) == _MULTIPLY else scale / float(value)
+        scale = scale * float(value) if operation == "multiply" else scale / float(value)
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"logit_scale": scale, "logit_softcapping": None if softcap is None else float(softcap)}
 

@@ -207,19 +207,21 @@ def _vocab_tiles(vocab: int, k: int = 1):
     return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [vocab])]
 
 
-def _chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, itemsize: int, full_uld: bool = False):
+def _chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, itemsize: int):
     """(positions per chunk, positions per block of the full-vocabulary ULD's autograd): ``chunk_size`` for both,
-    or as many as the budget holds: :data:`CHUNK_FRACTION` of the logits path's logits and gradient (``itemsize``
-    bytes each), within [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], half of it for the ULD's blocks when
-    there is one. A position of a chunk holds its fp32 logits row and the vocabulary tile's temporaries; one of a
-    ULD block its sorted distributions and their autograd (``_ROWS_FULL_ULD`` rows)."""
+    or as many as each budget holds, within [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`]: a chunk
+    :data:`CHUNK_FRACTION` of the logits path's logits and gradient (``itemsize`` bytes each), for each position
+    its fp32 logits row and the vocabulary tile's temporaries; a ULD block the same fraction of the logits path's
+    ULD working set, ``_ROWS_FULL_ULD`` fp32 rows per position (its sorted distributions and their autograd)."""
     if chunk_size is not None:
         return chunk_size, chunk_size
-    logits_path = 2 * rows * vocab * itemsize
-    budget = min(max(CHUNK_FRACTION * logits_path, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES) / (2 if full_uld else 1)
-    chunk = budget // (4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE))
-    block = budget // (4 * vocab * _ROWS_FULL_ULD)
-    return int(max(1, min(rows, chunk))), int(max(1, min(rows, block)))
+
+    def budget(logits_path_bytes):
+        return min(max(CHUNK_FRACTION * logits_path_bytes, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    chunk = budget(2 * rows * vocab * itemsize) // (4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE))
+    chunk = int(max(1, min(rows, chunk)))
+    uld_row = 4 * vocab * _ROWS_FULL_ULD
+    return chunk, int(max(1, min(chunk, budget(rows * uld_row) // uld_row)))
 
 
 def _merge_topk(kept_a, ids_a, kept_b, ids_b, k: int):
@@ -673,8 +675,7 @@ def _student_pass(student: _Student, inputs: CallInputs, finish, *, ce: bool = F
         fold = _linear_coefficients(finish, inputs, vocab, student.temperature, ce_grad, full_uld is not None,
                                     compute_dtype(head.weight.dtype))
     gold = torch.where(inputs.valid, inputs.labels, torch.zeros_like(inputs.labels)).reshape(-1) if ce else None
-    rows, uld_rows = _chunk_rows(student.chunk_size, batch * length, vocab, head.weight.element_size(),
-                                 full_uld is not None)
+    rows, uld_rows = _chunk_rows(student.chunk_size, batch * length, vocab, head.weight.element_size())
     plan = _Plan(inputs.valid.reshape(-1), student.k, student.temperature, gold, ce and student.temperature != 1,
                  head.transform, rows, uld_rows, student.backend, full_uld, fold)
     kept, ids, lse, unit, gold_logit, terms, folded = _FusedSummary.apply(head.hidden, head.weight, head.bias, plan)

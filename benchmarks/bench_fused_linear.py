@@ -17,8 +17,9 @@ on CPU the median process CPU time (all threads), steadier than wall time when o
 Memory: the peak of the call above what was allocated before it, minus the gradients the call returns (both
 paths return the same ones), so it is what each path needs beyond its inputs and outputs: the logits path's
 logits, their gradient and the loss's temporaries; the fused path's chunk, its accumulators and the summary. On
-CPU each (loss, path) runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` set, so that freed blocks go back
-to the system and the resident-set peak (VmHWM) sees live memory only; on CUDA the allocator's peak.
+CPU each (loss, path) is timed in a fresh process, and its memory taken in another one with
+``MALLOC_MMAP_THRESHOLD_`` set, so that freed blocks go back to the system and the resident-set peak (VmHWM) sees
+live memory only; on CUDA the allocator's peak.
 Prints a Markdown table (the fused/logits ratios too) and writes ``fused_linear_<device>.csv`` under ``--out``.
 """
 from __future__ import annotations
@@ -100,16 +101,22 @@ def measure(loss, path, rows, hidden_size, vocab, dtype, device, repeat):
             "peak_extra_bytes": timing.peak_extra_bytes - gradient_bytes}
 
 
-def _in_fresh_process(loss, path, args):
-    """:func:`measure` in a child process whose freed memory returns to the system (see the module docstring)."""
-    spec = json.dumps(dict(loss=loss, path=path, rows=args.rows, hidden_size=args.hidden, vocab=args.vocab,
-                           dtype=args.dtype, device=args.device, repeat=args.repeat))
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fused_linear", "--child", spec], env=environment,
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {loss}/{path} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _in_fresh_processes(loss, path, args):
+    """:func:`measure` on CPU: the time in a child process with the default allocator; the memory in another, whose
+    freed blocks go back to the system (one timed call; that setting makes every allocation a fresh mapping, which
+    would also slow the many per-chunk allocations of the fused path down)."""
+    results = []
+    for repeat, environment in ((args.repeat, {}), (1, {"MALLOC_MMAP_THRESHOLD_": "65536",
+                                                        "MALLOC_TRIM_THRESHOLD_": "65536"})):
+        spec = json.dumps(dict(loss=loss, path=path, rows=args.rows, hidden_size=args.hidden, vocab=args.vocab,
+                               dtype=args.dtype, device=args.device, repeat=repeat))
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fused_linear", "--child", spec],
+                              env=dict(os.environ, **environment), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"measuring {loss}/{path} failed:\n{done.stderr[-4000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    timing, memory = results
+    return {**timing, "peak_extra_bytes": memory["peak_extra_bytes"]}
 
 
 def main(argv=None):
@@ -149,7 +156,7 @@ def main(argv=None):
                             dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, repeat=args.repeat)
                 results[path] = measure(loss, path, **spec)
             else:
-                results[path] = _in_fresh_process(loss, path, args)
+                results[path] = _in_fresh_processes(loss, path, args)
             result = results[path]
             timing = common.Timing(result["p50_ms"], result["p20_ms"], result["p80_ms"], result["peak_extra_bytes"])
             rows.append(common.row(loss, path, "fwd+bwd", shape, timing, args.device))

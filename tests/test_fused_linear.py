@@ -310,7 +310,8 @@ def test_every_option_of_the_logits_path_with_its_default(fused, logits):
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
     fused_options = options(fused)
     assert fused_options == {**options(logits), **{name: fused_options[name] for name in FUSED_ONLY}}
-    assert inspect.signature(fused).parameters["labels"].default == inspect.signature(logits).parameters["labels"].default
+    labels_defaults = [inspect.signature(fn).parameters["labels"].default for fn in (fused, logits)]
+    assert labels_defaults[0] == labels_defaults[1]
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
@@ -399,7 +400,7 @@ def test_modules_derive_their_options_and_take_the_bias_per_batch():
     (dict(logit_scale=0.0), ValueError, "logit_scale must be a finite number > 0"),
     (dict(logit_softcapping=-1.0), ValueError, "logit_softcapping must be a finite number > 0"),
     (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
-    (dict(vocab_parallel_group=object()), ValueError, "vocab_parallel_group is not supported"),
+    (dict(vocab_parallel_group=object()), (RuntimeError, TypeError), "vocab_parallel_group"),
     (dict(teacher_logits=[torch.zeros(B, T, V), "teacher"]), TypeError, r"teacher_logits\[1\] must be a tensor"),
     (dict(teacher_logits=TeacherHead(torch.zeros(B, T, 4), torch.zeros(3, 4))), ValueError,
      r"k must be in \[1, 3\] \(teacher_logits vocabulary size\)"),
@@ -532,6 +533,36 @@ def _data_parallel_shares(rank, teacher, labels):
             _close(actual, reference, f"rank {rank} data-parallel {fused_loss.__name__} grad {name}")
 
 
+def _vocabulary_parallel_shards(rank, world_size):
+    """vocab_parallel_group: rank r holds rows r of the head's W equal shards; the loss is the one-process loss,
+    each shard's gradient its rows of the whole gradient, and the group's sum of the hidden states' gradients
+    theirs."""
+    import torch.distributed as dist
+
+    vocab = V - V % world_size
+    rows = slice(rank * vocab // world_size, (rank + 1) * vocab // world_size)
+    hidden, weight, bias = _student()
+    weight, bias = weight[:vocab], bias[:vocab]
+    labels = _labels()
+    labels = torch.where(labels >= 0, labels % vocab, labels)
+    teacher = _randn(B, T, V_TEACHER, seed=200, scale=2.0)  # replicated, like the labels
+    for fused_loss, logits_loss in ((F.fused_linear_gld_loss, F.gld_loss),
+                                    (F.fused_linear_infigfusion_loss, F.infigfusion_loss)):
+        leaves = [hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_(),
+                  bias[rows].clone().requires_grad_()]
+        fused = fused_loss(*leaves[:2], teacher, labels, lm_head_bias=leaves[2], k=4, chunk_size=5,
+                           vocab_parallel_group=dist.group.WORLD)
+        references = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        expected = logits_loss(_logits(*references), teacher, labels, k=4)
+        _close(fused, expected, f"rank {rank} vocabulary-parallel {fused_loss.__name__}")
+        grads = torch.autograd.grad(fused, leaves)
+        dist.all_reduce(grads[0])
+        expected_grads = torch.autograd.grad(expected, references)
+        for name, actual, reference in zip(("hidden (summed)", "weight", "bias"), grads,
+                                           (expected_grads[0], expected_grads[1][rows], expected_grads[2][rows])):
+            _close(actual, reference, f"rank {rank} vocabulary-parallel {fused_loss.__name__} grad {name}")
+
+
 def _distributed_worker(rank, world_size, store_path, errors_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -560,6 +591,7 @@ def _distributed_worker(rank, world_size, store_path, errors_path):
             for name in grads[1]:
                 _close(grads[0][name], grads[1][name], f"rank {rank}, head in its own unit: {own_unit}, {name}")
         _data_parallel_shares(rank, teacher, labels)
+        _vocabulary_parallel_shards(rank, world_size)
     except BaseException as error:  # reported to the test through a file: spawn's own message loses the details
         with open(f"{errors_path}.{rank}", "w") as out:
             out.write(repr(error))
@@ -568,10 +600,10 @@ def _distributed_worker(rank, world_size, store_path, errors_path):
         dist.destroy_process_group()
 
 
-def test_fsdp2_and_data_parallel_on_two_gloo_processes(tmp_path):
+def test_sharded_heads_and_data_parallel_on_two_gloo_processes(tmp_path):
     """Under FSDP2 the fused objective gives every rank the sharded gradients of the logits path, whether the head
     is unsharded by the root's forward or stays a DTensor that the loss gathers once; with a data_parallel_group
-    every rank's share equals the logits path's."""
+    every rank's share equals the logits path's; a vocabulary-parallel head gives the one-process loss."""
     distributed = pytest.importorskip("torch.distributed")
     if not distributed.is_available() or not distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

@@ -4,6 +4,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import distributed
 from ..checks import FLOAT_DTYPES, check_positive, check_same_device
 from ..contract import compute_dtype
 from ..reference import select_topk
@@ -16,8 +17,9 @@ CHUNK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.05, 64 * 2**20, 2**30
 # Vocabulary columns per pass of the statistics and the gradient over a chunk's logits: their temporaries
 # (about _TILE_TEMPORARIES fp32 tiles of this width) stay small beside the logits.
 VOCAB_TILE, _TILE_TEMPORARIES = 8192, 5
-# fp32 (V,) rows per position with the full-vocabulary ULD: its logits, both sorted distributions, the sort
-# indices and the autograd of the sorted L1.
+# fp32 (V,) rows per position that differentiating the full-vocabulary ULD may hold: the torch implementation of
+# ``uld_full`` (its distributions, their sorted copies and sort indices, autograd); its kernels hold about 3 (the
+# kept signs, the gradient).
 _ROWS_FULL_ULD = 12
 
 
@@ -89,6 +91,32 @@ def gathered(tensor: Optional[torch.Tensor], differentiable: bool = True) -> Opt
     return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
+class _GradientShare(torch.autograd.Function):
+    """The identity; its backward passes on 1/W of the gradient (see :func:`whole_vocabulary`)."""
+
+    @staticmethod
+    def forward(ctx, tensor, world):
+        ctx.world = world
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.world, None
+
+
+def whole_vocabulary(hidden, weight, bias, group):
+    """A vocabulary-parallel head (rank r of ``group`` holds the rows ``[r * V_r, (r + 1) * V_r)`` of the weight and
+    bias): every rank gathers the whole head, once per call (an O(V*H) exchange, never O(B*T*V)), and computes the
+    whole loss, as on the logits path. The gather's backward keeps the rank's own rows; the hidden states receive
+    1/W of their gradient on each rank, so that the group's sum (the all-reduce of a column-parallel head) is it."""
+    world = distributed.group_rank(group, "vocab_parallel_group")[1]
+
+    def whole(shard):  # (V_r, ...) -> (W * V_r, ...) through gather_vocab's (B, T, V_r) layout
+        rows = shard.reshape(shard.shape[0], -1).t().unsqueeze(0)
+        return distributed.gather_vocab(rows, group)[0].t().reshape(-1, *shard.shape[1:])
+    return _GradientShare.apply(hidden, world), whole(weight), None if bias is None else whole(bias)
+
+
 def project_(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias, transform) -> torch.Tensor:
     """``out`` (c, V) fp32 (fp64) := the logits ``transform(hidden @ weight^T + bias)``. Low-precision operands are
     multiplied as such with fp32 accumulation, like the model's own head; on CPU, where matmuls have no fp32 output
@@ -126,8 +154,9 @@ class Head(NamedTuple):
 
 
 def validated_head(hidden, weight, bias, logit_scale, logit_softcapping, names, reference=None,
-                   differentiable=True) -> Head:
-    """Validate one model's hidden states (B, T, H) and head ``weight`` (V, H), ``bias`` (V,)."""
+                   differentiable=True, vocab_group=None) -> Head:
+    """Validate one model's hidden states (B, T, H) and head ``weight`` (V, H), ``bias`` (V,) (with
+    ``vocab_group``: this rank's rows of a vocabulary-parallel head, gathered whole)."""
     hidden_name, weight_name, bias_name = names
     for tensor, name, ndim in ((hidden, hidden_name, 3), (weight, weight_name, 2), (bias, bias_name, 1)):
         if tensor is None and name == bias_name:
@@ -156,6 +185,8 @@ def validated_head(hidden, weight, bias, logit_scale, logit_softcapping, names, 
     if logit_softcapping is not None:
         check_positive(logit_softcapping, "logit_softcapping")
     weight, bias = gathered(weight, differentiable), gathered(bias, differentiable)
+    if vocab_group is not None:
+        hidden, weight, bias = whole_vocabulary(hidden, weight, bias, vocab_group)
     dtype = torch.promote_types(hidden.dtype, weight.dtype)  # a mixed pair runs in the wider dtype (cast once)
     bias = None if bias is None else bias.to(compute_dtype(dtype))
     batch, length = hidden.shape[:2]
@@ -183,8 +214,8 @@ def chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, itemsize: int):
     """(positions per chunk, positions per block of the full-vocabulary ULD's autograd): ``chunk_size`` for both,
     or as many as each budget holds, within [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`]: a chunk
     :data:`CHUNK_FRACTION` of the logits path's logits and gradient (``itemsize`` bytes each), for each position
-    its fp32 logits row and the vocabulary tile's temporaries; a ULD block the same fraction of the logits path's
-    ULD working set, ``_ROWS_FULL_ULD`` fp32 rows per position (its sorted distributions and their autograd)."""
+    its fp32 logits row and the vocabulary tile's temporaries; a ULD block the same fraction of the full ULD's
+    working set, ``_ROWS_FULL_ULD`` fp32 rows per position."""
     if chunk_size is not None:
         return chunk_size, chunk_size
 

@@ -80,11 +80,12 @@ def _student_pass(student: _Student, inputs: CallInputs, finish, *, ce: bool = F
 
 def _prepare(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping, teacher_logits, *,
              required: int, keep: int, temperature: float, teacher_weights, backend: str,
-             chunk_size: Optional[int]):
-    """The student's head and the call's teachers (head teachers summarised into records)."""
+             chunk_size: Optional[int], vocab_parallel_group):
+    """The student's head (a vocabulary-parallel one gathered whole) and the call's teachers (head teachers
+    summarised into records)."""
     check_optional_count(chunk_size, "chunk_size")
     head = validated_head(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping,
-                          ("student_hidden", "lm_head_weight", "lm_head_bias"))
+                          ("student_hidden", "lm_head_weight", "lm_head_bias"), vocab_group=vocab_parallel_group)
     num_teachers = len(teacher_logits) if isinstance(teacher_logits, (list, tuple)) else 1
     rule = resolve_rule(teacher_weights, max(num_teachers, 1))
     gold_slot = rule.measure is not None and rule.measure.needs_labels
@@ -95,17 +96,6 @@ def _resolved(head: Head, teachers: Teachers, labels, **options) -> CallInputs:
     inputs = resolve(StudentSpec(head.shape, head.hidden.device), teachers.resolvable, labels, **options)
     teachers.add_golds(inputs)
     return inputs
-
-
-def _parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction: str, scope: str = "sequence",
-              both_counts: bool = False) -> distributed.Parallel:
-    """The call's data-parallel setting (:class:`infigw.distributed.Parallel`). A vocabulary-parallel head is
-    refused: see docs/fused_linear.md, "Sharded heads"."""
-    if vocab_parallel_group is not None:
-        raise ValueError("vocab_parallel_group is not supported by the fused-linear losses: they fold the "
-                         "cross-entropy and the full-vocabulary ULD over whole rows of logits; gather the head "
-                         "(or use the logits path with vocab_parallel_group)")
-    return distributed.Parallel(None, data_parallel_group, num_items_in_batch, reduction, scope, both_counts)
 
 
 # ----------------------------------------------------------------------------------------------- public losses
@@ -130,14 +120,17 @@ def fused_linear_gld_loss(student_hidden, lm_head_weight, teacher_logits, labels
         logit_scale, logit_softcapping: the student's logit post-processing (:func:`logit_settings` reads them
             from a transformers model): ``logits = tanh(raw * logit_scale / c) * c`` with c = logit_softcapping.
         chunk_size: positions per chunk (default: as many as the memory budget of docs/fused_linear.md holds).
-        vocab_parallel_group: not supported (raises). The other arguments are :func:`~infigw.functional.gld_loss`'s.
+        vocab_parallel_group: rank r holds the rows ``[r * V_r, (r + 1) * V_r)`` of the head; every rank gathers
+            it whole once per call (docs/fused_linear.md). The other arguments are
+            :func:`~infigw.functional.gld_loss`'s.
     """
     functional.check_graph_options(values, nodes, graph_norm, scope, num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
-    parallel = _parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction, scope)
+    parallel = distributed.Parallel(None, data_parallel_group, num_items_in_batch, reduction, scope)
     head, teachers = _prepare(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping,
                               teacher_logits, required=k, keep=k, temperature=temperature,
-                              teacher_weights=teacher_weights, backend=backend, chunk_size=chunk_size)
+                              teacher_weights=teacher_weights, backend=backend, chunk_size=chunk_size,
+                              vocab_parallel_group=vocab_parallel_group)
     inputs = _resolved(head, teachers, labels, mask=mask, teacher_labels=teacher_labels, teacher_mask=teacher_mask,
                        teacher_chars=teacher_chars, ignore_index=ignore_index, k=k, temperature=temperature,
                        teacher_weights=teacher_weights, weight_temperature=weight_temperature,
@@ -173,11 +166,11 @@ def fused_linear_uld_loss(student_hidden, lm_head_weight, teacher_logits, labels
     teacher's paired rows are projected per block of positions."""
     check_choice(reduction, "reduction", REDUCTIONS)
     check_count(weight_k, "weight_k")
-    parallel = _parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction)
+    parallel = distributed.Parallel(None, data_parallel_group, num_items_in_batch, reduction)
     head, teachers = _prepare(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping,
                               teacher_logits, required=top_k or 1, keep=max(top_k or 1, weight_k),
                               temperature=temperature, teacher_weights=teacher_weights, backend=backend,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, vocab_parallel_group=vocab_parallel_group)
     inputs = _resolved(head, teachers, labels, mask=mask, teacher_labels=teacher_labels, teacher_mask=teacher_mask,
                        teacher_chars=teacher_chars, ignore_index=ignore_index, temperature=temperature,
                        teacher_weights=teacher_weights, weight_temperature=weight_temperature,
@@ -221,11 +214,11 @@ def fused_linear_infigfusion_loss(student_hidden, lm_head_weight, teacher_logits
     functional.check_graph_options(values, nodes, graph_norm, "sequence", num_nodes, distance)
     check_choice(reduction, "reduction", REDUCTIONS)
     objective.check_factors(lam, gamma)
-    parallel = _parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction, both_counts=True)
+    parallel = distributed.Parallel(None, data_parallel_group, num_items_in_batch, reduction, both_counts=True)
     head, teachers = _prepare(student_hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcapping,
                               teacher_logits, required=max(k, uld_top_k or 1), keep=max(k, uld_top_k or 1),
                               temperature=temperature, teacher_weights=teacher_weights, backend=backend,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, vocab_parallel_group=vocab_parallel_group)
     inputs = _resolved(head, teachers, labels, teacher_labels=teacher_labels, teacher_mask=teacher_mask,
                        teacher_chars=teacher_chars, ignore_index=ignore_index, k=k, temperature=temperature,
                        teacher_weights=teacher_weights, weight_temperature=weight_temperature,

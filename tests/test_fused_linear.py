@@ -127,17 +127,19 @@ def test_logit_post_processing_and_chunk_boundaries(chunk_size, scale, softcap):
     (F.fused_linear_infigfusion_loss, F.infigfusion_loss, dict(k=4, uld_top_k=4, temperature=2.0)),
 ])
 @pytest.mark.parametrize("teacher", ["dense", "head"])
-def test_vocabulary_tiles_merge_exactly_with_ties(monkeypatch, loss, logits_loss, options, teacher):
-    """Statistics over vocabulary tiles of 7 columns (the last, narrower than k, joins the one before) on integer
-    logits full of ties: the merged top-k keeps the smaller ids, as one selection over the row does."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_vocabulary_tiles_merge_exactly_with_ties(monkeypatch, loss, logits_loss, options, teacher, backend):
+    """Statistics over vocabulary tiles of 7 columns (the torch implementation's; the last, narrower than k, joins
+    the one before) or whole rows (the kernels') on integer logits full of ties: the top-k keeps the smaller ids,
+    as one selection over the row does."""
     monkeypatch.setattr(infigw.fused_linear.head, "VOCAB_TILE", 7)
     hidden = torch.randint(-2, 3, (B, T, H), generator=torch.Generator().manual_seed(8)).float()
     weight = torch.randint(-1, 2, (V, H), generator=torch.Generator().manual_seed(9)).float()
     fused_teacher, dense_teacher = _teacher(teacher)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    fused = loss(*leaves, fused_teacher, chunk_size=5, **_aligned(**options))
+    fused = loss(*leaves, fused_teacher, chunk_size=5, backend=backend, **_aligned(**options))
     references = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    expected = logits_loss(references[0] @ references[1].t(), dense_teacher, **_aligned(**options))
+    expected = logits_loss(references[0] @ references[1].t(), dense_teacher, backend=backend, **_aligned(**options))
     _close(fused, expected, "loss")
     for name, actual, reference in zip(("hidden", "weight"), torch.autograd.grad(fused, leaves),
                                        torch.autograd.grad(expected, references)):

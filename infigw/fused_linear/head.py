@@ -4,16 +4,18 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import distributed
+from .. import dispatch, distributed
 from ..checks import FLOAT_DTYPES, check_positive, check_same_device
 from ..contract import compute_dtype
 from ..reference import select_topk
 
 
-# Memory for one chunk of positions (its fp32 logits and the temporaries of its statistics; ours): 5 % of what
-# the logits path holds (the logits and their gradient in the head's dtype), at least 64 MiB and at most 1 GiB.
-# ``chunk_size`` overrides the positions per chunk.
-CHUNK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.05, 64 * 2**20, 2**30
+# Memory for one chunk of positions (its fp32 logits and the temporaries of its gradient; ours): 10 % of what the
+# logits path holds (the logits and their gradient in the head's dtype), at least 64 MiB and at most 1 GiB; the
+# full-vocabulary ULD is differentiated on blocks of a chunk's positions that get 5 % of its own working set.
+# Chunks of half that size made the head's per-chunk matmuls 15 % slower on CPU (benchmarks/RESULTS.md).
+# ``chunk_size`` overrides the positions per chunk (and per block).
+CHUNK_FRACTION, ULD_BLOCK_FRACTION, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 0.1, 0.05, 64 * 2**20, 2**30
 # Vocabulary columns per pass of the statistics and the gradient over a chunk's logits: their temporaries
 # (about _TILE_TEMPORARIES fp32 tiles of this width) stay small beside the logits.
 VOCAB_TILE, _TILE_TEMPORARIES = 8192, 5
@@ -214,17 +216,17 @@ def chunk_rows(chunk_size: Optional[int], rows: int, vocab: int, itemsize: int):
     """(positions per chunk, positions per block of the full-vocabulary ULD's autograd): ``chunk_size`` for both,
     or as many as each budget holds, within [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`]: a chunk
     :data:`CHUNK_FRACTION` of the logits path's logits and gradient (``itemsize`` bytes each), for each position
-    its fp32 logits row and the vocabulary tile's temporaries; a ULD block the same fraction of the full ULD's
-    working set, ``_ROWS_FULL_ULD`` fp32 rows per position."""
+    its fp32 logits row and the vocabulary tile's temporaries; a ULD block :data:`ULD_BLOCK_FRACTION` of the full
+    ULD's working set, ``_ROWS_FULL_ULD`` fp32 rows per position."""
     if chunk_size is not None:
         return chunk_size, chunk_size
 
-    def budget(logits_path_bytes):
-        return min(max(CHUNK_FRACTION * logits_path_bytes, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
-    chunk = budget(2 * rows * vocab * itemsize) // (4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE))
-    chunk = int(max(1, min(rows, chunk)))
+    def budget(fraction, logits_path_bytes):
+        return min(max(fraction * logits_path_bytes, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    row = 4 * vocab + 4 * _TILE_TEMPORARIES * min(vocab, VOCAB_TILE)
+    chunk = int(max(1, min(rows, budget(CHUNK_FRACTION, 2 * rows * vocab * itemsize) // row)))
     uld_row = 4 * vocab * _ROWS_FULL_ULD
-    return chunk, int(max(1, min(chunk, budget(rows * uld_row) // uld_row)))
+    return chunk, int(max(1, min(chunk, budget(ULD_BLOCK_FRACTION, rows * uld_row) // uld_row)))
 
 
 def _merge_topk(kept_a, ids_a, kept_b, ids_b, k: int):
@@ -234,11 +236,15 @@ def _merge_topk(kept_a, ids_a, kept_b, ids_b, k: int):
     return kept, ids.gather(-1, position)
 
 
-def row_statistics(logits, valid, k: int, temperature: float, unit: bool, summarize):
-    """kept (c, k), ids (c, k), lse (c,), unit (c,) or empty of a chunk's logits (c, V), one vocabulary tile at a
-    time through the ``topk_summary`` op, merged (the top-k under the tie rule, online logsumexps)."""
+def row_statistics(logits, valid, k: int, temperature: float, unit: bool, backend: str):
+    """kept (c, k), ids (c, k), lse (c,), unit (c,) or empty of a chunk's logits (c, V) through the dispatched
+    ``topk_summary`` op: whole rows where it runs a kernel (which needs no temporaries); its torch implementation
+    one vocabulary tile at a time (its temporaries are the size of its input), merged (the top-k under the tie
+    rule, online logsumexps)."""
+    name, summarize = dispatch.resolve("topk_summary", backend, logits.device, k)
+    vocab = logits.shape[-1]
     kept = ids = lse = unit_lse = None
-    for tile in vocab_tiles(logits.shape[-1], k):
+    for tile in vocab_tiles(vocab, k) if name == "torch" else [slice(0, vocab)]:
         tile_kept, tile_ids, tile_lse, tile_unit, _ = summarize(logits[:, tile], valid, k, temperature, None, unit)
         tile_ids = tile_ids + tile.start
         if kept is None:

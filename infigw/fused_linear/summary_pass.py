@@ -5,7 +5,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import dispatch
 from ..contract import compute_dtype
 from .head import MIN_CHUNK_BYTES, LogitTransform, chunks, project_, row_statistics, vocab_tiles
 from .teachers import FullULD
@@ -173,7 +172,6 @@ class FusedSummary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: Plan):
         ctx.set_materialize_grads(False)
-        _, summarize = dispatch.resolve("topk_summary", plan.backend, hidden.device, plan.k)
         fold = plan.fold if any(ctx.needs_input_grad[:3]) else None
         grads = None if fold is None else _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         dtype = compute_dtype(weight.dtype)
@@ -184,7 +182,7 @@ class FusedSummary(torch.autograd.Function):
             chunk = _chunk_input(hidden, plan.valid, rows)
             logits = project_(buffer[:chunk.shape[0]], chunk, weight, bias, plan.transform)
             kept, ids, lse, unit = row_statistics(logits, plan.valid[rows], plan.k, plan.temperature, plan.unit,
-                                                   summarize)
+                                                   plan.backend)
             gold_ids = None if plan.gold is None else plan.gold[rows].unsqueeze(-1)
             gold = None if gold_ids is None else logits.gather(-1, gold_ids).squeeze(-1) * plan.valid[rows]
             if fold is None:

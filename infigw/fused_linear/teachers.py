@@ -128,7 +128,6 @@ def head_record(head: Head, keep: int, temperature: float, backend: str, chunk_s
     """A head teacher's top-``keep`` logits and logsumexp(logits / temperature) at every position, chunk by chunk."""
     batch, length, vocab = head.shape
     total = head.hidden.shape[0]
-    _, summarize = dispatch.resolve("topk_summary", backend, head.hidden.device, keep)
     every = torch.ones(total, dtype=torch.bool, device=head.hidden.device)
     rows_per_chunk = chunk_rows(chunk_size, total, vocab, head.weight.element_size())[0]
     buffer = torch.empty((min(rows_per_chunk, total), vocab), dtype=head.dtype, device=head.hidden.device)
@@ -137,7 +136,7 @@ def head_record(head: Head, keep: int, temperature: float, backend: str, chunk_s
         for rows in chunks(total, rows_per_chunk):
             logits = head.logits(rows, buffer[:rows.stop - rows.start])
             chunk_kept, chunk_ids, chunk_lse, _ = row_statistics(logits, every[rows], keep, temperature, False,
-                                                                 summarize)
+                                                                 backend)
             kept.append(chunk_kept), ids.append(chunk_ids), lse.append(chunk_lse)
     return TopKRecord(torch.cat(kept).view(batch, length, keep), torch.cat(ids).view(batch, length, keep), vocab,
                       torch.cat(lse).view(batch, length), float(temperature))

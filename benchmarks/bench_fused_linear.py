@@ -131,8 +131,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--losses", nargs="+", choices=LOSSES,
                         help="default: all on CPU; gld and objective-topk with --gpu (the full-vocabulary ULD's "
-                             "logits path sorts fp32 copies of the (B*T, V) logits with int64 indices: tens of GB "
-                             "there)")
+                             "logits path keeps fp32 state of the (B*T, V) logits for its backward beside them: ask "
+                             "for uld and objective separately there)")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls after one warm-up (CPU)")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--child", help=argparse.SUPPRESS)

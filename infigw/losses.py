@@ -107,7 +107,8 @@ class FusedLinearGLDLoss(_ConfiguredLoss):
     """GLD from the student's hidden states and LM head; see :func:`infigw.functional.fused_linear_gld_loss`.
 
     ``forward(student_hidden, lm_head_weight, teacher_logits, labels=None, *, lm_head_bias=None, mask=None,
-    teacher_labels=None, teacher_mask=None)``; ``teacher_logits`` may be a :class:`~infigw.TeacherHead`.
+    teacher_labels=None, teacher_mask=None, teacher_chars=None, num_items_in_batch=None)``; ``teacher_logits`` may
+    be a :class:`~infigw.TeacherHead`.
     """
 
     loss_fn = staticmethod(F.fused_linear_gld_loss)
@@ -126,7 +127,7 @@ class FusedLinearInfiGFusionLoss(_ConfiguredLoss):
     :func:`infigw.functional.fused_linear_infigfusion_loss`.
 
     ``forward(student_hidden, lm_head_weight, teacher_logits, labels, *, lm_head_bias=None, teacher_labels=None,
-    teacher_mask=None)``.
+    teacher_mask=None, teacher_chars=None, student_offsets=None, teacher_offsets=None, num_items_in_batch=None)``.
     """
 
     loss_fn = staticmethod(F.fused_linear_infigfusion_loss)

@@ -235,6 +235,24 @@ def test_several_teachers_of_every_kind(weights, granularity):
         _close(actual, reference, f"grad {name}")
 
 
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_uld_weights_of_several_teachers(top_k):
+    """weight_k and weight_temperature of the entropy weights, a head teacher beside a dense one."""
+    heads = [_teacher_head(20), _teacher_head(30, softcap=5.0)]
+    options = dict(labels=_labels(), teacher_labels=[_labels(T_TEACHER, V_TEACHER, seed=s) for s in (7, 8)],
+                   teacher_weights="uncertainty", weight_k=3, weight_temperature=0.5, top_k=top_k)
+    hidden, weight, bias = (t.requires_grad_() for t in _student())
+    fused = F.fused_linear_uld_loss(hidden, weight, [_dense(heads[0]), heads[1]], lm_head_bias=bias, chunk_size=4,
+                                    **options)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    expected = F.uld_loss(_logits(*leaves), [_dense(head) for head in heads], **options)
+    _close(fused, expected, "loss")
+    for name, actual, reference in zip(("hidden", "weight", "bias"),
+                                       torch.autograd.grad(fused, (hidden, weight, bias)),
+                                       torch.autograd.grad(expected, leaves)):
+        _close(actual, reference, f"grad {name}")
+
+
 def test_components_match_the_logits_path():
     teacher, _ = _teacher("dense")
     hidden, weight, bias = _student()

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one run from the repository root (it keeps nothing between runs):
 # build the CUDA extension, run the GPU tests, compute-sanitizer, and the GPU benchmarks.
-# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [objective] [dlf] [gw]
+# Usage: OUT=/path bash benchmarks/gpu_session.sh [build] [test] [sanitize] [bench] [objective] [dlf] [gw] [fused]
 #        (default: all)
 # POT is not on the GPU machines: carry its wheel in .whl/ (see the device notes) for the gw stage.
 set -uo pipefail
 OUT="${OUT:-/tmp/infigw-gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
-stages="${*:-build test sanitize bench objective dlf gw}"
+stages="${*:-build test sanitize bench objective dlf gw fused}"
 status=0
 want() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
@@ -34,8 +34,8 @@ if want test; then
   python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   python3 -m pytest tests/test_topk_degrees.py tests/test_sorted_gw1d.py tests/test_op_arguments.py \
-    tests/test_extension_ops.py tests/test_dlf.py tests/test_uld_kernels.py tests/test_objective.py -q \
-    -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/tests.log" | tail -30
+    tests/test_extension_ops.py tests/test_dlf.py tests/test_uld_kernels.py tests/test_objective.py \
+    tests/test_fused_linear.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -60,6 +60,16 @@ if want dlf; then
   step "DLF benchmark"
   python3 -m benchmarks.bench_dlf --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_dlf.log" | tail -20
 fi
+
+if want fused; then
+  step "fused-linear losses vs the logits path (B*T = 16384, V = 151936, bf16)"
+  # the top-k forms first; then the full-vocabulary ULD, whose logits path may not fit beside its logits
+  python3 -m benchmarks.bench_fused_linear --gpu --out "$OUT/fused_topk" 2>&1 | tee "$OUT/bench_fused_linear.log" \
+    | tail -8
+  python3 -m benchmarks.bench_fused_linear --gpu --losses uld objective --out "$OUT/fused_full" 2>&1 \
+    | tee -a "$OUT/bench_fused_linear.log" | tail -8
+fi
+
 if want gw; then
   step "exact-GW tools and the GW comparison on CUDA"
   if ls .whl/*.whl >/dev/null 2>&1; then

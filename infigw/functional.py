@@ -20,6 +20,7 @@ from . import dispatch, distributed, objective, reference, uld
 from .checks import (check_choice, check_count, check_k, check_lengths, check_logits, check_optional_count,
                      check_points, check_same_device, check_temperature, valid_positions)
 from .contract import DISTANCES, NODES, NORMS, REDUCTIONS, SCOPES, VALUES, TopKDegrees, compute_dtype
+from .fused_linear import fused_linear_gld_loss, fused_linear_infigfusion_loss, fused_linear_uld_loss  # noqa: F401
 from .inputs import CallInputs, resolve
 from .summary import TopKSummary
 from .teacher import TopKRecord, check_records_serve

@@ -38,12 +38,14 @@ class _ConfiguredLoss(torch.nn.Module):
     """Stores the keyword options of ``loss_fn`` and shows them in ``repr``."""
 
     loss_fn = None
+    per_batch = PER_BATCH
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        options = [p for p in inspect.signature(cls.loss_fn).parameters.values()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in PER_BATCH]
+        parameters = inspect.signature(cls.loss_fn).parameters.values()
+        options = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in cls.per_batch]
         cls.defaults = {p.name: p.default for p in options}
+        cls.inputs = tuple(p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
         def __init__(self, preset=None, **given):  # its own function, so each class shows its own signature
             _ConfiguredLoss.__init__(self, preset, **given)
@@ -58,17 +60,17 @@ class _ConfiguredLoss(torch.nn.Module):
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown options {unknown}; its options are "
-                            f"{sorted(self.defaults)} (per-batch inputs {PER_BATCH} go to forward)")
+                            f"{sorted(self.defaults)} (per-batch inputs {self.per_batch} go to forward)")
         start = {} if preset is None else preset_options(preset, type(self).loss_fn)
         self.preset = preset
         self.options = {**self.defaults, **start, **options}
 
-    def forward(self, student_logits, teacher_logits, labels=None, **per_batch):
-        stored = sorted(set(per_batch) - set(PER_BATCH))
+    def forward(self, *inputs, **per_batch):
+        stored = sorted(set(per_batch) - set(self.per_batch) - set(self.inputs))
         if stored:
-            raise TypeError(f"{type(self).__name__}.forward takes the per-batch inputs {PER_BATCH}, got {stored}: "
-                            "options belong to the constructor")
-        return type(self).loss_fn(student_logits, teacher_logits, labels, **self.options, **per_batch)
+            raise TypeError(f"{type(self).__name__}.forward takes {self.inputs} and the per-batch inputs "
+                            f"{self.per_batch}, got {stored}: options belong to the constructor")
+        return type(self).loss_fn(*inputs, **self.options, **per_batch)
 
     def extra_repr(self) -> str:
         changed = [f"{name}={value!r}" for name, value in self.options.items() if value != self.defaults[name]]
@@ -99,3 +101,34 @@ class InfiGFusionLoss(_ConfiguredLoss):
     """
 
     loss_fn = staticmethod(F.infigfusion_loss)
+
+
+class FusedLinearGLDLoss(_ConfiguredLoss):
+    """GLD from the student's hidden states and LM head; see :func:`infigw.functional.fused_linear_gld_loss`.
+
+    ``forward(student_hidden, lm_head_weight, teacher_logits, labels=None, *, lm_head_bias=None, mask=None,
+    teacher_labels=None, teacher_mask=None, teacher_chars=None, num_items_in_batch=None)``; ``teacher_logits`` may
+    be a :class:`~infigw.TeacherHead`.
+    """
+
+    loss_fn = staticmethod(F.fused_linear_gld_loss)
+    per_batch = PER_BATCH + ("lm_head_bias",)
+
+
+class FusedLinearULDLoss(_ConfiguredLoss):
+    """ULD from the student's hidden states and LM head; see :func:`infigw.functional.fused_linear_uld_loss`."""
+
+    loss_fn = staticmethod(F.fused_linear_uld_loss)
+    per_batch = PER_BATCH + ("lm_head_bias",)
+
+
+class FusedLinearInfiGFusionLoss(_ConfiguredLoss):
+    """The InfiGFusion objective from the student's hidden states and LM head; see
+    :func:`infigw.functional.fused_linear_infigfusion_loss`.
+
+    ``forward(student_hidden, lm_head_weight, teacher_logits, labels, *, lm_head_bias=None, teacher_labels=None,
+    teacher_mask=None, teacher_chars=None, student_offsets=None, teacher_offsets=None, num_items_in_batch=None)``.
+    """
+
+    loss_fn = staticmethod(F.fused_linear_infigfusion_loss)
+    per_batch = PER_BATCH + ("lm_head_bias",)

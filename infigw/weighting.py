@@ -189,10 +189,13 @@ class TeacherWeighting:
         self.teachers, self.teacher_valids, self.golds = teachers, teacher_valids, golds
         self.chars = [None] * len(teachers) if chars is None else list(chars)
         self.k, self.temperature, self.weight_temperature = k, temperature, weight_temperature
+        self._computed = None
 
     def _uncertainties(self):
-        return [self.rule.measure.fn(teacher, gold, self.k, self.temperature)
-                for teacher, gold in zip(self.teachers, self.golds)]
+        if self._computed is None:  # once per call, however many terms are weighted
+            self._computed = [self.rule.measure.fn(teacher, gold, self.k, self.temperature)
+                              for teacher, gold in zip(self.teachers, self.golds)]
+        return self._computed
 
     def per_graph(self, included: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
         """(S, G) weights from the teachers' mean uncertainty over each sequence's valid positions."""

@@ -48,7 +48,6 @@ from .inputs import CallInputs, StudentSpec, per_teacher
 from .reference import select_topk
 from .reference.degrees import cosine_normalised, node_ids
 from .summary import TopKSummary, summarize
-from .weighting import sequence_mean, teacher_weights
 
 Count = Union[int, torch.Tensor]
 _WORDS = {4: torch.int32, 8: torch.int64}  # integer views of fp32 / fp64, so ids travel in the same message
@@ -399,25 +398,12 @@ class Parallel:
         """(S, G) teacher weights of the graphs and the (S, B, T) token weights (or None), as
         :meth:`~infigw.weighting.TeacherWeighting.graph_weights`; a pooled graph's uncertainty means run over the
         whole group's sequences (or covered positions)."""
-        weighting = inputs.weighting
-        if not self.pooled:
-            return weighting.graph_weights(included, scope, inputs.granularity, lambda: inputs.partners)
-        if inputs.granularity == "token":
-            partners = inputs.partners
-            token_weights = weighting.per_position(partners)
-            totals = torch.cat([token_weights.sum((1, 2)), (partners >= 0).any(0).sum().reshape(1)])
-            dist.all_reduce(totals, group=self.data)
-            return (totals[:-1] / totals[-1].clamp_min(1)).unsqueeze(-1), token_weights
-        if weighting.rule.measure is None:
-            return weighting.per_graph(included, scope), None
-        with torch.no_grad():
-            means = torch.stack([sequence_mean(u, valid)
-                                 for u, valid in zip(weighting._uncertainties(), weighting.teacher_valids)])
-            present = torch.stack([valid.any(-1) for valid in weighting.teacher_valids]).to(means.dtype)
-            totals = torch.stack([(means * present).sum(-1), present.sum(-1)], -1)
-            dist.all_reduce(totals, group=self.data)
-            uncertainty = (totals[:, 0] / totals[:, 1].clamp_min(1)).unsqueeze(-1)
-        return teacher_weights(weighting.rule, included, lambda: uncertainty, weighting.weight_temperature), None
+        return inputs.weighting.graph_weights(included, scope, inputs.granularity, lambda: inputs.partners,
+                                              combine=self._sum_over_group if self.pooled else None)
+
+    def _sum_over_group(self, totals: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(totals, group=self.data)
+        return totals
 
     # ------------------------------------------------------------------------------------------ normalisers
     def reduce(self, per_graph: torch.Tensor, included: torch.Tensor, reduction: str) -> torch.Tensor:

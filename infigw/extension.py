@@ -39,9 +39,9 @@ def sorted_gw1d(x, y, lengths):
     return torch.ops.infigw.sorted_gw1d(x, y, lengths, False)
 
 
-CALLABLES = {
-    "topk_degrees": topk_degrees,
-    "sorted_gw1d": sorted_gw1d,
+CALLABLES = {  # dispatch op -> (callable, the torch.ops op whose kernels it runs)
+    "topk_degrees": (topk_degrees, "topk_degrees"),
+    "sorted_gw1d": (sorted_gw1d, "sorted_gw1d"),
 }
 
 
@@ -111,12 +111,12 @@ def _register_autograd():
                                    setup_context=_sorted_gw1d_setup)
 
 
-def _register_backends():
+def _register_backends(callables):
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op, fn in CALLABLES.items():
-        if has_kernel(f"infigw::{op}", "CPU"):
+    for op, (fn, kernel) in callables.items():
+        if has_kernel(f"infigw::{kernel}", "CPU"):
             dispatch.register("cpp", op, fn)
-        if has_kernel(f"infigw::{op}", "CUDA"):
+        if has_kernel(f"infigw::{kernel}", "CUDA"):
             dispatch.register("cuda", op, fn, max_k=CUDA_MAX_K if op == "topk_degrees" else None)
     if not has_kernel("infigw::topk_degrees", "CUDA"):
         dispatch.mark_unavailable("cuda", "infigw._C was built without CUDA kernels")
@@ -126,8 +126,8 @@ _reason = _load_reason()
 if _reason is None:
     _register_fakes()
     _register_autograd()
-    _register_backends()
-    from . import extension_objective  # noqa: E402,F401  (the objective's kernels register themselves there)
+    from . import extension_objective  # noqa: E402  (the objective's ops: their fakes and autograd register there)
+    _register_backends({**CALLABLES, **extension_objective.CALLABLES})
 else:
     dispatch.mark_unavailable("cpp", _reason)
     dispatch.mark_unavailable("cuda", _reason)

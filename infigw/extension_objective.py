@@ -3,12 +3,11 @@ summary (``topk_summary``, optionally with the full-vocabulary ULD of the same r
 the full-vocabulary ULD on its own (``uld_full``).
 
 Imported by :mod:`infigw.extension` once the extension is loaded; like it, this module adds the fake kernels and
-the autograd formulas of the ops (schemas in ``csrc/ops.cpp``) and registers the op-level callables of
-:mod:`infigw.reference` (same arguments, same results) with :mod:`infigw.dispatch`.
+the autograd formulas of the ops (schemas in ``csrc/ops.cpp``); its ``CALLABLES`` (the signatures of
+:mod:`infigw.reference`'s, same results) are registered with :mod:`infigw.dispatch` by :mod:`infigw.extension`.
 """
 import torch
 
-from . import dispatch
 from .contract import compute_dtype
 
 
@@ -72,7 +71,7 @@ def _register_fakes():
     @torch.library.register_fake("infigw::uld_full")
     def _(student, teacher, partner, temperature, teacher_probs, keep_signs):
         (rows, vocab), acc = student.shape, compute_dtype(student.dtype)
-        kept = rows if keep_signs else 0
+        kept = rows if keep_signs and student.device.type == "cpu" else 0  # the CUDA kernels keep no signs
         return (*(student.new_empty((rows,), dtype=acc) for _ in range(3)),
                 student.new_empty((kept, vocab), dtype=acc), student.new_empty((kept,), dtype=acc))
 
@@ -133,15 +132,5 @@ def _register_autograd():
     torch.library.register_autograd("infigw::uld_full", _uld_backward, setup_context=_uld_setup)
 
 
-def _register_backends():
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op, (fn, kernel) in CALLABLES.items():
-        if has_kernel(f"infigw::{kernel}", "CPU"):
-            dispatch.register("cpp", op, fn)
-        if has_kernel(f"infigw::{kernel}", "CUDA"):
-            dispatch.register("cuda", op, fn)
-
-
 _register_fakes()
 _register_autograd()
-_register_backends()

@@ -69,7 +69,7 @@ def student_pass(inputs: CallInputs, summarize: Callable, *, lam: float, gamma: 
 
 
 def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, lam: float, gamma: float,
-                reduction: str, gld_options: dict, denominators=None):
+                reduction: str, gld_options: dict, denominators=None, graphs: bool = True):
     """The objective's value, its components and the token weights (None at sequence granularity).
 
     Args:
@@ -79,6 +79,8 @@ def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, l
     is per sequence and reduced over the included sequences like :func:`infigw.functional.gld_loss`.
     denominators: "mean"'s (tokens, sequences) from the local counts (default: those, at least 1); data-parallel
     calls count the whole batch (:meth:`infigw.distributed.Parallel.denominators`).
+    graphs: False takes the GLD terms as 0 but still counts their sequences (the fused-linear pass probes the
+    terms that are linear in the summary this way, :mod:`infigw.fused_linear.losses`).
     """
     batch = inputs.valid.shape[0]
     zeros = student.lse.new_zeros((len(inputs.teachers), batch))
@@ -89,9 +91,12 @@ def infigfusion(inputs: CallInputs, student: TopKSummary, uld_per_position, *, l
     if lam != 0:
         distill, uld_terms, included, weights, token_weights = uld.weighted(uld_per_position, inputs)
         if gamma != 0:
-            gld_terms, gld_included = functional.gld_terms(inputs, **gld_options, student=student)
-            included = included | gld_included  # the same sets: both need valid positions on both sides
-            distill = distill + gamma * (weights * gld_terms).sum(0)
+            if graphs:
+                gld_terms, gld_included = functional.gld_terms(inputs, **gld_options, student=student)
+                distill = distill + gamma * (weights * gld_terms).sum(0)
+            else:  # a graph needs valid positions on both sides; ULD under offsets pairing needs a pair
+                gld_included = torch.stack([inputs.valid.any(-1) & valid.any(-1) for valid in inputs.teacher_valids])
+            included = included | gld_included
     tokens = inputs.valid.sum(-1)
     if reduction == "none":
         ce = token_ce.sum(-1) / tokens.clamp_min(1)

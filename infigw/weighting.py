@@ -140,11 +140,15 @@ def at_partners(per_position: torch.Tensor, partner: torch.Tensor) -> torch.Tens
     return torch.where(partner >= 0, picked, torch.zeros_like(picked))
 
 
-def pooled_weights(token_weights: torch.Tensor, present: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
-    """(S, B, T) token weights -> (S, G) mean over the covered student positions of each graph."""
+def pooled_weights(token_weights: torch.Tensor, present: torch.Tensor, scope: str = "sequence",
+                   combine: Optional[Callable] = None) -> torch.Tensor:
+    """(S, B, T) token weights -> (S, G) mean over the covered student positions of each graph. ``combine`` sums a
+    batch-scope graph's totals over the ranks that share it (:mod:`infigw.distributed`)."""
     covered = present.any(0)
     if scope == "batch":
-        return token_weights.sum((1, 2)).unsqueeze(-1) / covered.sum().clamp_min(1)
+        totals = torch.cat([token_weights.sum((1, 2)), covered.sum().reshape(1).to(token_weights.dtype)])
+        totals = totals if combine is None else combine(totals)
+        return (totals[:-1] / totals[-1].clamp_min(1)).unsqueeze(-1)
     return token_weights.sum(-1) / covered.sum(-1).clamp_min(1)
 
 
@@ -197,26 +201,31 @@ class TeacherWeighting:
                               for teacher, gold in zip(self.teachers, self.golds)]
         return self._computed
 
-    def per_graph(self, included: torch.Tensor, scope: str = "sequence") -> torch.Tensor:
-        """(S, G) weights from the teachers' mean uncertainty over each sequence's valid positions."""
+    def per_graph(self, included: torch.Tensor, scope: str = "sequence",
+                  combine: Optional[Callable] = None) -> torch.Tensor:
+        """(S, G) weights from the teachers' mean uncertainty over each sequence's valid positions; ``combine``
+        as in :func:`pooled_weights`."""
         def uncertainty():
             per_sequence = torch.stack([sequence_mean(u, valid, chars) for u, valid, chars
                                         in zip(self._uncertainties(), self.teacher_valids, self.chars)])
             if scope == "batch":  # one graph: the mean over the sequences that have valid positions
                 present = torch.stack([valid.any(-1) for valid in self.teacher_valids]).to(per_sequence.dtype)
-                return (per_sequence * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1)
+                totals = torch.stack([(per_sequence * present).sum(-1), present.sum(-1)], -1)
+                totals = totals if combine is None else combine(totals)
+                return totals[:, :1] / totals[:, 1:].clamp_min(1)
             return per_sequence
         return teacher_weights(self.rule, included, uncertainty, self.weight_temperature)
 
-    def graph_weights(self, included: torch.Tensor, scope: str, granularity: str, partners: Callable):
+    def graph_weights(self, included: torch.Tensor, scope: str, granularity: str, partners: Callable,
+                      combine: Optional[Callable] = None):
         """(S, G) weights of per-graph terms, and the (S, B, T) token weights at token granularity (else None):
         a graph then uses the token weights averaged over its covered positions. ``partners()`` gives the
-        (S, B, T) pairs (computed only when needed)."""
+        (S, B, T) pairs (computed only when needed); ``combine`` as in :func:`pooled_weights`."""
         if granularity == "token":
             pairs = partners()
             token_weights = self.per_position(pairs)
-            return pooled_weights(token_weights, pairs >= 0, scope), token_weights
-        return self.per_graph(included, scope), None
+            return pooled_weights(token_weights, pairs >= 0, scope, combine), token_weights
+        return self.per_graph(included, scope, combine), None
 
     def per_position(self, partners: torch.Tensor) -> torch.Tensor:
         """(S, B, T) weights at the aligned student positions; ``partners`` (S, B, T) as :func:`at_partners`."""

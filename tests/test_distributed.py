@@ -279,6 +279,11 @@ def case_data_parallel(*, seed, group_name):
                                         reduction=rng.choice(["mean", "sum", "none"]),
                                         teacher_weights="uncertainty" if seed % 2 else None,
                                         weight_granularity="token" if seed % 4 == 1 else "sequence")),
+        # per-character uncertainties of a pooled graph (each teacher position covers 1 to 4 characters)
+        "gld pooled, per character": (F.gld_loss, dict(
+            graph, scope="batch", teacher_weights="uncertainty",
+            teacher_chars=[torch.randint(1, 5, labels.shape, generator=generator)
+                           for _ in range(len(teachers) if isinstance(teachers, list) else 1)])),
         "uld": (F.uld_loss, dict(top_k=rng.choice([None, 3]))),
         "infigfusion": (F.infigfusion_loss, dict(graph, uld_top_k=rng.choice([None, 3]),
                                                  teacher_weights="uncertainty" if seed % 2 else None)),
@@ -288,9 +293,12 @@ def case_data_parallel(*, seed, group_name):
         own = _leaf(_part(logits, rows, length))
         own_teachers = ([_teacher_part(t, rows, length) for t in teachers] if isinstance(teachers, list)
                         else _teacher_part(teachers, rows, length))
+        own_options = {**options, "data_parallel_group": group}
+        if "teacher_chars" in options:
+            own_options["teacher_chars"] = [_part(chars, rows, length) for chars in options["teacher_chars"]]
         expected = loss_fn(full, teachers, labels, **options)
         expected.sum().backward()
-        actual = loss_fn(own, own_teachers, _part(labels, rows, length), **options, data_parallel_group=group)
+        actual = loss_fn(own, own_teachers, _part(labels, rows, length), **own_options)
         actual.sum().backward()
         total = actual.detach().sum()
         dist.all_reduce(total, group=group)

@@ -308,6 +308,17 @@ def test_offset_pairing_matches_the_logits_path(teacher, loss, logits_loss, opti
            teacher_offsets=_offsets(T_TEACHER, 12, 2), **_aligned(**options))
 
 
+@pytest.mark.parametrize("uld_top_k", [None, 4])
+def test_offset_pairing_with_a_sequence_without_pairs_matches_the_logits_path(uld_top_k):
+    """A sequence with valid positions on both sides but no character-aligned pair has a graph and no ULD term: the
+    fused pass's folded gradients count it as the logits path does."""
+    teacher_offsets = _offsets(T_TEACHER, 12, 2)
+    teacher_offsets[1] += 10_000  # no target of sequence 1 starts on the student's characters
+    _check(F.fused_linear_infigfusion_loss, F.infigfusion_loss, "dense", pairing="offsets",
+           student_offsets=_offsets(T, 11, 3), teacher_offsets=teacher_offsets,
+           **_aligned(k=4, uld_top_k=uld_top_k))
+
+
 @pytest.mark.parametrize("loss,logits_loss,options", [
     (F.fused_linear_gld_loss, F.gld_loss, dict(k=4, num_items_in_batch=5)),
     (F.fused_linear_uld_loss, F.uld_loss, dict(num_items_in_batch=5)),

@@ -394,7 +394,7 @@ def test_opcheck_objective_ops(device):
     (lambda o: o.uld_full(torch.randn(3, 5), torch.randn(2, 5), torch.tensor([0, 1, 1]), 0.0, False, False),
      ValueError, "temperature must be a positive finite number"),
     (lambda o: o.uld_full(torch.zeros(3, 5, dtype=torch.long), torch.randn(2, 5), torch.tensor([0, 1, 1]), 1.0,
-                          False, False), TypeError, "student must be floating point"),
+                          False, False), TypeError, "student must be float32, float16 or bfloat16"),
     (lambda o: o.topk_summary(torch.randn(3, 5), torch.tensor([True, False, True]), 2, 1.0, None, False,
                               [torch.randn(2, 5)], torch.tensor([[0, 1, -1]]), [False], False),
      ValueError, r"partners\[0\] must be -1 on invalid rows"),

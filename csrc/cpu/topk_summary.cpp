@@ -72,10 +72,7 @@ Checked check_inputs(const Tensor& logits, const Tensor& row_valid, int64_t k, d
                      const c10::optional<Tensor>& gold, at::TensorList teachers, const Tensor& partners,
                      const c10::List<bool>& teacher_probs) {
   TORCH_CHECK_VALUE(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "logits must be floating point, got ",
-                   logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "logits must have shape (N, V) with V >= 1, got ",
-                    logits.sizes());
+  check_logits(logits, /*allow_fp64=*/true);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= vocab, "k must lie in [1, V=", vocab, "], got ", k);
   check_temperature(temperature);

@@ -24,10 +24,7 @@ using at::Tensor;
 
 void check_student(const Tensor& student) {
   TORCH_CHECK_VALUE(student.device().is_cpu(), "student must be a CPU tensor, got ", student.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()), "student must be floating point, got ",
-                   student.scalar_type());
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1, "student must have shape (N, V) with V >= 1, got ",
-                    student.sizes());
+  check_logits(student, /*allow_fp64=*/true, "student");
 }
 
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;

@@ -24,6 +24,7 @@
 
 #include "cpu/row_ops.h"
 #include "cpu/sorted_prob_l1.h"
+#include "op_checks.h"
 
 namespace infigw {
 namespace cpu {
@@ -136,11 +137,6 @@ inline void check_partner(const at::Tensor& partner, int64_t rows, int64_t teach
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK_VALUE(index[r] >= -1 && index[r] < teacher_rows, name, " entries must lie in [-1, ", teacher_rows,
                       ") (-1: no partner), got ", index[r], " at row ", r);
-}
-
-inline void check_temperature(double temperature) {
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a positive finite number, got ",
-                    temperature);
 }
 
 }  // namespace cpu

@@ -234,8 +234,8 @@ def fused_linear_infigfusion_loss(student_hidden, lm_head_weight, teacher_logits
         if lam != 0 and per_position is None:  # the top-k form reads the student's summary
             per_position = uld.terms(inputs, temperature=temperature, top_k=uld_top_k, standardized=standardize,
                                      record_tail=record_tail, student=summary, backend=backend)
-        return objective.infigfusion(inputs, summary, per_position, lam=lam, gamma=gamma if graphs else 0,
-                                     reduction=reduction, gld_options=gld_options, denominators=parallel.denominators)
+        return objective.infigfusion(inputs, summary, per_position, lam=lam, gamma=gamma, reduction=reduction,
+                                     gld_options=gld_options, denominators=parallel.denominators, graphs=graphs)
 
     full = (teachers.full_uld(inputs, temperature, record_tail, backend) if lam != 0 and uld_top_k is None
             else None)

@@ -8,10 +8,10 @@ import triton.language as tl
 
 from ..contract import NODES, NORMS, VALUES
 
-#: values= codes (infigw.contract, csrc/contract.h) as constexprs the kernels compare ``VALUES_MODE`` with.
+#: values= codes (infigw.contract, csrc/contract.h) as constexprs the kernels compare ``VALUES_MODE`` with
+#: ("topk_probs" is the remaining case).
 LOGITS = tl.constexpr(VALUES["logits"])
 PROBS = tl.constexpr(VALUES["probs"])
-TOPK_PROBS = tl.constexpr(VALUES["topk_probs"])
 
 
 @triton.jit

@@ -99,14 +99,6 @@ def floors_ms(problem: Problem, bandwidth: Optional[float]) -> Dict[str, float]:
             f"infigfusion_loss uld_top_k={K}": one_pass}
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    timing = common.time_cuda(lambda: dst.copy_(src), rep_ms=100)
-    return 2 * src.numel() / (timing.p50_ms * 1e-3)
-
-
 def measure(fn, device, slow: bool) -> Optional[common.Timing]:
     """The timing of ``fn``, or None when it runs out of memory."""
     options = {} if torch.device(device).type == "cuda" else dict(warmup=1, repeat=3 if slow else 5)
@@ -137,7 +129,7 @@ def main(argv=None):
                 for op in ("topk_summary", "topk_summary_uld", "uld_full", "topk_degrees")}
     batch, length, vocab, dtype = QUICK if args.quick else SHAPES[device]
     problem = Problem(batch, length, vocab, dtype, device)
-    bandwidth = copy_bandwidth(device) if device == "cuda" else None
+    bandwidth = common.copy_bandwidth(device) if device == "cuda" else None
     floors = floors_ms(problem, bandwidth)
     print(f"{common.device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; commit "
           f"{common.commit()}; kernels: {kernels} -> {resolved}"

@@ -32,7 +32,7 @@ import torch
 from infigw import dispatch
 from infigw import functional as F
 
-from .common import markdown_table, row, time_call, time_cpu, write_csv
+from .common import copy_bandwidth, markdown_table, row, time_call, time_cpu, write_csv
 
 SEQ_LEN = {"cpu": 512, "cuda": 1024}  # rows per graph: B = (B*T) / SEQ_LEN sequences
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -73,14 +73,6 @@ def timer(device, slow=False):
     if device.type == "cuda":
         return lambda fn: time_call(fn, device)
     return lambda fn: time_call(fn, device, warmup=0 if slow else 1, repeat=2 if slow else 3)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    size = 2 * 2**30
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * size / (time_call(lambda: dst.copy_(src), device, rep_ms=100).p50_ms * 1e-3)
 
 
 def measure_topk_degrees(fn, inputs, row_graph, num_graphs, k, grad_degrees, measure):

@@ -106,6 +106,13 @@ def time_call(fn: Callable[[], object], device, **options) -> Timing:
     return time_cuda(fn, **options) if torch.device(device).type == "cuda" else time_cpu(fn, **options)
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy of 2 GiB (read + write counted): the bandwidth floors' unit."""
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (time_call(lambda: dst.copy_(src), device, rep_ms=100).p50_ms * 1e-3)
+
+
 def commit() -> str:
     """The repository's short commit hash, with ``+dirty`` when the working tree has changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

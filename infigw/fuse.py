@@ -25,7 +25,6 @@ tokenizer), ``output/report.md``, ``output/loss_components.png`` and ``output/lo
 left half-written: the model folder is written beside its final name and renamed at the end.
 """
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -120,19 +119,19 @@ def check_config(config: dict, base: Path = Path(".")) -> dict:
 
 
 def read_texts(path: Path, text_field: str) -> List[dict]:
-    """Examples of a .jsonl file (one JSON object per line) or a .txt file (one text per line)."""
+    """Examples of a .jsonl or .parquet file, numbered as :mod:`infigw.records` numbers them (so that a store
+    captured from the same file lines up), or of a .txt file (one text per line)."""
+    from .records.text import iter_rows
+
     if not path.exists():
         raise ConfigError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".jsonl":
-        examples = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    examples.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        return examples
-    return [{text_field: line} for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix in (".jsonl", ".parquet"):
+        try:
+            return [row for _, row in iter_rows(path)]
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    with open(path, encoding="utf-8") as lines:
+        return [{text_field: line.rstrip("\r\n")} for line in lines if line.strip()]
 
 
 def _train(config: dict, teacher_specs: List[dict], output: Path, progress_desc: str):
@@ -193,6 +192,7 @@ def run(config: dict) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .train import report
+    from .train.batch import texts_and_starts
 
     output: Path = config["output"]
     output.mkdir(parents=True, exist_ok=True)
@@ -216,13 +216,12 @@ def run(config: dict) -> Path:
         merged = output / "model.partial"
         shutil.rmtree(merged, ignore_errors=True)
         merge_safetensors(config["student"], copies, merged, method, **merge)
-        AutoTokenizer.from_pretrained(config["student"]).save_pretrained(merged)
         shutil.rmtree(output / "model", ignore_errors=True)
         merged.rename(output / "model")
     evaluation = None
     if config["data"]["eval"] is not None:
-        texts = [e.get(config["data"]["text_field"]) or (e.get("prompt", "") + e.get("completion", ""))
-                 for e in read_texts(config["data"]["eval"], config["data"]["text_field"])]
+        texts, _ = texts_and_starts(read_texts(config["data"]["eval"], config["data"]["text_field"]),
+                                    config["data"]["text_field"])
         evaluation = report.evaluate(config, texts, AutoModelForCausalLM, AutoTokenizer)
     return report.write(output, config, histories, evaluation)
 

@@ -14,6 +14,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .checks import check_count
+
 __all__ = ["SIMILARITY_LEVELS", "llm_like_logits", "logit_pair", "parse_similarity"]
 
 #: The similarity levels used by the benchmarks, from most to least similar.
@@ -27,12 +29,6 @@ SIMILARITY_LEVELS = (
 )
 
 _PERTURBED = re.compile(r"perturbed-(\d+(?:\.\d*)?|\.\d+)")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _make_generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
@@ -101,7 +97,7 @@ def llm_like_logits(
     Returns:
         Tensor ``(batch, seq_len, vocab)`` of ``dtype`` on ``device``; deterministic given the seed.
     """
-    batch, seq_len, vocab = (_positive_int(n, v) for n, v in
+    batch, seq_len, vocab = (check_count(v, n) for n, v in
                              (("batch", batch), ("seq_len", seq_len), ("vocab", vocab)))
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")

@@ -261,8 +261,8 @@ def test_llm_like_logits_has_dominant_tokens_heavy_tails_and_correlated_position
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(batch=0), ValueError, "batch must be a positive int"),
-    (dict(vocab=2.5), ValueError, "vocab must be a positive int"),
+    (dict(batch=0), ValueError, "batch must be an int >= 1"),
+    (dict(vocab=2.5), ValueError, "vocab must be an int >= 1"),
     (dict(correlation=1.0), ValueError, r"correlation must be in \[0, 1\)"),
     (dict(tail=-1.0), ValueError, "tail must be a finite number >= 0"),
     (dict(dtype=torch.int64), TypeError, "dtype must be a floating"),

@@ -103,3 +103,18 @@ def test_a_record_store_teacher_in_a_unified_run(models, tmp_path):
 def test_configuration_errors_name_the_key(models, tmp_path, capsys, change, message):
     assert _run(tmp_path, _config(models, tmp_path / "bad", **change)) == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_data_files_are_read_as_the_record_stores_read_them(tmp_path):
+    """JSON lines may hold U+2028 unescaped (json.dumps(ensure_ascii=False)); Parquet is read too."""
+    rows = [{"text": "a\u2028b"}, {"text": "c\u0085d"}]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert fuse.read_texts(jsonl, "text") == rows
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+    pq.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    assert fuse.read_texts(tmp_path / "train.parquet", "text") == rows
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\nnot json\n')
+    with pytest.raises(fuse.ConfigError, match="bad.jsonl:2"):
+        fuse.read_texts(tmp_path / "bad.jsonl", "text")

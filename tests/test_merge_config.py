@@ -129,6 +129,17 @@ def test_yaml_run_equals_the_api_in_the_working_dtype(family):
     assert json.loads((out / "config.json").read_text()) == {"model_type": "tiny"}, "no dtype key to update"
 
 
+def test_run_config_reads_shard_sizes_in_mergekits_syntax(family):
+    tmp_path, _, _, base_dir, dirs = family
+    config = _write_yaml(tmp_path / "c.yml", {"merge_method": "task_arithmetic", "base_model": str(base_dir),
+                                              "models": [{"model": str(d), "parameters": {"weight": 0.5}}
+                                                         for d in dirs]})
+    one = run_config(config, tmp_path / "5B", max_shard_size="5B")  # 5·10⁹ bytes, not 5 bytes
+    assert sorted(p.name for p in one.glob("*.safetensors")) == ["model.safetensors"]
+    many = run_config(config, tmp_path / "1K", max_shard_size="1K")
+    assert len(list(many.glob("model-*.safetensors"))) > 1
+
+
 def test_output_folder_one_shard_card_and_provenance_that_runs_again(family, capsys):
     tmp_path, base, models, base_dir, dirs = family
     out = merge_safetensors(base_dir, dirs, tmp_path / "api", "ties", weights=[1.0, 0.5], density=0.3,

@@ -264,13 +264,14 @@ def run_config(
     progress: bool = False,
 ) -> Path:
     """Run a mergekit config with the streaming merge into the new directory ``out``; mergekit's dtype rule:
-    working dtype = ``dtype`` or the inputs' promoted dtype, output = ``out_dtype`` or the working dtype."""
+    working dtype = ``dtype`` or the inputs' promoted dtype, output = ``out_dtype`` or the working dtype.
+    ``max_shard_size``: bytes, in mergekit's syntax as ``--out-shard-size`` (``500M``, ``5B``: ×10⁶, ×10⁹)."""
     from .streaming import merge_safetensors
 
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     return merge_safetensors(
-        config.base, config.models, out, config.method, seed=seed, max_shard_size=max_shard_size,
+        config.base, config.models, out, config.method, seed=seed, max_shard_size=parse_kmb(max_shard_size),
         chunk_elems=chunk_elems, progress=progress, dtype=config.dtype,
         out_dtype=config.out_dtype or config.dtype, device=device, copy_tokenizer=copy_tokenizer,
         config_text=config.text,

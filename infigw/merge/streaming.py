@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from ..durable import fsync_dir, fsync_file
 from .card import config_yaml, model_card
 from .engine import (
     DEFAULT_CHUNK_ELEMS,
@@ -322,14 +323,6 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------------- output files
 
 
@@ -459,7 +452,11 @@ def merge_safetensors(
                     _record_dtype(tmp / "config.json", next(iter(float_dtypes)))
                 (tmp / CARD_NAME).write_text(card)
                 (tmp / CONFIG_NAME).write_text(config_text)
+                for path in tmp.iterdir():  # the shards are fsynced already; the small files and the folder now
+                    if path.is_file() and path.name not in files and path.name != LOCK_NAME:
+                        fsync_file(path)
                 (tmp / LOCK_NAME).unlink()  # still locked through lock_fd until the rename is done
+                fsync_dir(tmp)
                 current = out
                 try:
                     _rename_no_replace(tmp, out)
@@ -476,5 +473,5 @@ def merge_safetensors(
             _discard(tmp)
             raise
     with contextlib.suppress(OSError):  # durability of the rename; the merge itself is complete
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     return out

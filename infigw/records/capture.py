@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_choice, check_count
 from ..reference import rank_order, select_topk
 from .manifest import file_sha256, merge_index
 from .store import StoreMetadata, StoreWriter, tokenizer_identity
@@ -164,12 +165,10 @@ def capture(model, data, out, *, k: int, tokenizer=None, teacher: Optional[str] 
     Returns:
         ``{"examples", "tokens", "seconds"}`` of this rank's run.
     """
-    for name, value, choices in (("dtype", dtype, MODEL_DTYPES), ("value_dtype", value_dtype, STORE_DTYPES)):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    for name, value in (("batch_size", batch_size), ("sort_window", sort_window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_choice(dtype, "dtype", MODEL_DTYPES)
+    check_choice(value_dtype, "value_dtype", STORE_DTYPES)
+    check_count(batch_size, "batch_size")
+    check_count(sort_window, "sort_window")
     rank, world_size, group = _distributed(rank, world_size)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and world_size > 1:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..checks import check_count
 from .store import StoreMetadata, StoreWriter, tokenizer_identity
 from .text import token_offsets
 
@@ -63,12 +64,6 @@ def _writer(out, tokenizer, *, teacher, vocab_size, k, temperature, value_dtype,
                              vocab_size=vocab_size, k=k, temperature=float(temperature), kind="logprobs",
                              value_dtype=value_dtype, compression=compression, source=source)
     return StoreWriter(out, metadata, shard_examples=shard_examples)
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- DistillKit
@@ -204,7 +199,7 @@ def import_distillkit(path, out, *, tokenizer, teacher: str = "distillkit", conf
         raise FileNotFoundError(f"no DistillKit Parquet shards at {path}")
     settings = _load_config(config, path)
     codec = DistillKitCodec(settings)
-    vocab_size = codec.d if vocab_size is None else _check_count(vocab_size, "vocab_size")
+    vocab_size = codec.d if vocab_size is None else check_count(vocab_size, "vocab_size")
     writer = _writer(out, tokenizer, teacher=teacher, vocab_size=vocab_size, k=codec.k, temperature=1.0,
                      value_dtype=value_dtype, compression=compression, shard_examples=shard_examples,
                      source={"importer": "distillkit", "path": str(path), "compression_config": settings})
@@ -298,8 +293,8 @@ def import_vllm(outputs: Union[str, Path, Iterable[Any]], out, *, tokenizer, k: 
     """
     from .text import iter_rows
 
-    k = _check_count(k, "k")
-    vocab_size = len(tokenizer) if vocab_size is None else _check_count(vocab_size, "vocab_size")
+    k = check_count(k, "k")
+    vocab_size = len(tokenizer) if vocab_size is None else check_count(vocab_size, "vocab_size")
     source_path = str(outputs) if isinstance(outputs, (str, Path)) else None
     items = (row for _, row in iter_rows(outputs)) if source_path is not None else iter(outputs)
     writer = _writer(out, tokenizer, teacher=teacher, vocab_size=vocab_size, k=k, temperature=temperature,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from ..durable import atomic_write, fsync_dir
 
 SHARD_FILE = re.compile(r"^r(\d{5})-(\d{6})\.arrow(\.tmp)?$")
 
@@ -28,32 +28,6 @@ def import_pyarrow():
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("infigw.records needs pyarrow: pip install 'infigw[records]'") from error
     return pyarrow
-
-
-def fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_name: Optional[str] = None):
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one (written to
-    ``tmp_name``, default a unique hidden name, fsynced, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path):

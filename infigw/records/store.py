@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .manifest import (SHARD_FILE, RecordStoreError, adopt_orphans, atomic_write, file_sha256, import_pyarrow,
+from ..checks import check_count
+from ..durable import atomic_write
+from .manifest import (SHARD_FILE, RecordStoreError, adopt_orphans, file_sha256, import_pyarrow,
                        indexed_examples, load_index, lock_rank, read_json)
 
 FORMAT_VERSION = 1
@@ -343,8 +345,7 @@ class StoreWriter:
         import_pyarrow()
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < 100000:
             raise ValueError(f"rank must be an int in [0, 100000), got {rank!r}")
-        if isinstance(shard_examples, bool) or not isinstance(shard_examples, int) or shard_examples < 1:
-            raise ValueError(f"shard_examples must be a positive int, got {shard_examples!r}")
+        check_count(shard_examples, "shard_examples")
         self.root = Path(path)
         self.metadata = metadata
         self.rank = rank

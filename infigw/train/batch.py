@@ -9,7 +9,7 @@ at 0, as TRL's padding-free collators make): :func:`sequence_view` splits such r
 GLD's graphs and ULD's pairs are per sequence.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from ..records.text import trim_leading_whitespace
 IGNORE_INDEX = -100
 
 
-def _texts_and_starts(features, text_field: str):
+def texts_and_starts(features, text_field: str):
     """Each example's raw text and the character where learning starts: ``text_field`` (from its
     ``response_start``, default 0), or ``prompt`` + ``completion`` (from the completion)."""
     texts, starts = [], []
@@ -102,7 +102,7 @@ class FusionCollator:
     def __call__(self, features) -> dict:
         if not features:
             raise ValueError("FusionCollator got an empty list of examples")
-        texts, starts = _texts_and_starts(features, self.text_field)
+        texts, starts = texts_and_starts(features, self.text_field)
         batch = tokenize(self.tokenizer, texts, starts, self.max_length, self.pad_to_multiple_of)
         if self.packing:
             batch = pack(batch)

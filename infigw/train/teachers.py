@@ -99,9 +99,7 @@ class StoreTeacher:
     def outputs(self, indices: torch.Tensor) -> TeacherOutput:
         """The records of the examples ``indices`` (B,), padded, on the training device; targets outside each
         example's response are ignored."""
-        from ..records import collate
-
-        records = collate([self.store[int(i)] for i in indices.tolist()])
+        records = self.store.collate(indices.tolist())
         if self._device is not None:
             records = records.to(self._device)
         targets = records.labels.masked_fill(~records.response_mask(), -100)

@@ -1,8 +1,7 @@
 """The public functional API of infigw (torch.nn.functional style) and the GLD orchestration.
 
-Data flow of :func:`gld_loss`: student/teacher logits -> top-k selection and value transform -> per-graph node
-degrees (the co-activation graph is never formed) -> sort/compress -> closed-form distance -> reduction.
-The math is docs/math.md; the choices marked *ours* there are listed in the README. Conventions of every loss:
+Data flow of :func:`gld_loss`: logits -> top-k and node values -> per-graph degrees (the graph is never formed) ->
+sort/compress -> closed-form distance -> reduction; the math: docs/math.md (*ours* marked). Conventions of every loss:
 - student first, teacher second; the teacher is never differentiated;
 - ``labels`` (B, T) are aligned with the logits (label t is the target of logits[:, t]; shift beforehand) and
   give the valid positions ``labels != ignore_index``; alternatively an explicit bool ``mask``; neither = all valid;
@@ -92,6 +91,14 @@ def gld_terms(inputs: CallInputs, *, k, values, nodes, graph_norm, scope, num_no
         terms.append(torch.where(both, term, torch.zeros_like(term)))
         included.append(both)
     return torch.stack(terms), torch.stack(included)
+
+
+def gld_result(inputs: CallInputs, parallel, student, *, reduction: str, scope: str, **options):
+    """``gld_loss``'s value, components and token weights; ``options`` as :func:`gld_terms`'."""
+    terms, included = gld_terms(inputs, scope=scope, student=student, degree_stage=parallel.degree_stage, **options)
+    weights, token_weights = parallel.graph_weights(inputs, included, scope)
+    loss = parallel.reduce((weights * terms).sum(0), included.any(0), reduction)
+    return loss, {"gld": terms.detach(), "weights": weights, "included": included}, token_weights
 
 
 def reduce(per_graph: torch.Tensor, included: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -243,14 +250,11 @@ def gld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
                      temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
                      weight_granularity=weight_granularity)
     check_records_serve(inputs.teachers, values=values, exact_probs=values == "probs", temperature=temperature)
-    terms, included = gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
-                                num_nodes=num_nodes, distance=distance, temperature=temperature,
-                                deterministic=deterministic, backend=backend, degree_stage=parallel.degree_stage,
-                                student=parallel.sharded_summary(inputs, k, temperature, backend))
-    weights, token_weights = parallel.graph_weights(inputs, included, scope)
-    loss = parallel.reduce((weights * terms).sum(0), included.any(0), reduction)
-    components = {"gld": terms.detach(), "weights": weights, "included": included}
-    return _with_components(loss, components, token_weights, return_components)
+    result = gld_result(inputs, parallel, parallel.sharded_summary(inputs, k, temperature, backend),
+                        reduction=reduction, k=k, values=values, nodes=nodes, graph_norm=graph_norm, scope=scope,
+                        num_nodes=num_nodes, distance=distance, temperature=temperature, deterministic=deterministic,
+                        backend=backend)
+    return _with_components(*result, return_components)
 
 
 def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_labels=None, teacher_mask=None,
@@ -288,19 +292,15 @@ def uld_loss(student_logits, teacher_logits, labels=None, *, mask=None, teacher_
     parallel = distributed.Parallel(vocab_parallel_group, data_parallel_group, num_items_in_batch, reduction)
     inputs = resolve(parallel.student(student_logits, dense=top_k is None), teacher_logits, labels, mask=mask,
                      teacher_labels=teacher_labels, teacher_mask=teacher_mask, teacher_chars=teacher_chars,
-                     ignore_index=ignore_index,
-                     temperature=temperature, teacher_weights=teacher_weights, weight_temperature=weight_temperature,
-                     weight_granularity=weight_granularity, weight_k=weight_k, pairing=pairing,
-                     student_offsets=student_offsets, teacher_offsets=teacher_offsets)
+                     ignore_index=ignore_index, temperature=temperature, teacher_weights=teacher_weights,
+                     weight_temperature=weight_temperature, weight_granularity=weight_granularity, weight_k=weight_k,
+                     pairing=pairing, student_offsets=student_offsets, teacher_offsets=teacher_offsets)
     uld.check_options(inputs, top_k, standardize, record_tail)
     check_records_serve(inputs.teachers, exact_probs=top_k is None, temperature=temperature)
     per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
                              record_tail=record_tail, backend=backend,
                              student=parallel.sharded_summary(inputs, top_k, temperature, backend))
-    per_sequence, mean_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
-    loss = parallel.reduce(per_sequence, included.any(0), reduction)
-    components = {"uld": mean_terms.detach(), "weights": weights, "included": included}
-    return _with_components(loss, components, token_weights, return_components)
+    return _with_components(*uld.reduced(per_position, inputs, parallel.reduce, reduction), return_components)
 
 
 def infigfusion_loss(student_logits, teacher_logits, labels, *, teacher_labels=None, teacher_mask=None,

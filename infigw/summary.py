@@ -12,9 +12,8 @@ from typing import List, NamedTuple, Optional
 import torch
 
 from . import dispatch
-from .contract import compute_dtype
 from .reference import uld_probabilities
-from .reference.select import log_values
+from .reference.select import log_values, values_from_logs
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class TopKSummary:
         top ``k`` <= the summary's k (docs/math.md §2)."""
         kept, ids = self.values[..., :k].reshape(-1, k), self.ids[..., :k].reshape(-1, k)
         logs = log_values(kept, values, temperature, self.lse.reshape(-1) if values == "probs" else None)
-        return (kept.to(compute_dtype(kept.dtype)) if logs is None else logs.exp()), ids, logs
+        return values_from_logs(kept, logs), ids, logs
 
     def cross_entropy(self) -> torch.Tensor:
         """(B, T) ``logsumexp(x) - x[label]`` (meaningless at invalid positions)."""

@@ -26,7 +26,7 @@ from .checks import (FLOAT_DTYPES, check_ids_in_range, check_k, check_logits, ch
                      check_temperature, data_checks_enabled)
 from .contract import compute_dtype
 from .reference import row_logsumexp, select_topk
-from .reference.select import log_values
+from .reference.select import log_values, values_from_logs
 
 KINDS = ("logits", "logprobs")
 MAX_VOCAB = 2**31 - 1  # ids fit int32 (records store them so); dense degrees are (graphs, vocab) floats
@@ -191,7 +191,7 @@ class TopKRecord:
             logs = self.log_probs(temperature).gather(-1, by_id).gather(-1, position).reshape(-1, k)
         else:
             logs = log_values(kept.reshape(-1, k), values, temperature)
-        return (kept.reshape(-1, k) if logs is None else logs.exp()), kept_ids, logs
+        return values_from_logs(kept.reshape(-1, k), logs), kept_ids, logs
 
 
 Teacher = Union[torch.Tensor, TopKRecord]

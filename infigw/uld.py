@@ -9,7 +9,7 @@ inside the InfiGFusion objective, the student's summary computes it in the same 
 (``topk_summary_uld``). ``top_k=m``: the top-m logits of each side come from the summary op (of the student, and
 of each dense teacher), and the rest is O(B*T*m) torch.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -98,6 +98,14 @@ def terms(inputs: CallInputs, *, temperature: float, top_k: Optional[int], stand
     if student is not None and student.uld is not None:
         return student.uld
     return _full_vocabulary_terms(inputs, temperature, record_tail, backend)
+
+
+def reduced(per_position: torch.Tensor, inputs: CallInputs, reduce: Callable, reduction: str):
+    """``uld_loss``'s value, components and token weights from the (S, B, T) terms; ``reduce(per_sequence,
+    included, reduction)`` (:meth:`infigw.distributed.Parallel.reduce`)."""
+    per_sequence, mean_terms, included, weights, token_weights = weighted(per_position, inputs)
+    loss = reduce(per_sequence, included.any(0), reduction)
+    return loss, {"uld": mean_terms.detach(), "weights": weights, "included": included}, token_weights
 
 
 def weighted(per_position: torch.Tensor, inputs: CallInputs):

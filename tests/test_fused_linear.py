@@ -423,7 +423,8 @@ def test_modules_derive_their_options_and_take_the_bias_per_batch():
 
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("change,error,match", [
-    (dict(student_hidden=torch.zeros(B, H)), ValueError, r"student_hidden must be a non-empty \(batch, positions"),
+    (dict(student_hidden=torch.zeros(B, H)), ValueError,
+     r"student_hidden must have 3 dimensions \(batch, positions, hidden\)"),
     (dict(student_hidden=torch.zeros(B, T, H, dtype=torch.long)), TypeError, "student_hidden must be float32"),
     (dict(lm_head_weight=torch.zeros(V, H + 1)), ValueError, "hidden size must match"),
     (dict(lm_head_weight=[[0.0]]), TypeError, "lm_head_weight must be a torch.Tensor"),

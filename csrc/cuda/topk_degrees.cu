@@ -125,7 +125,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_degrees(
   const auto f32 = logits.options().dtype(at::kFloat);
   const bool probability = options.probability_values(), cosine = options.graph_norm == kNormCosine;
 
-  Tensor degrees = at::zeros({num_graphs, num_nodes}, logits.options().dtype(at::kDouble));
+  // the rows kernel scatters the degrees itself, or they are summed from the kept rows below (no zero-fill then)
+  const bool scatter_degrees = !cosine && !deterministic;
+  Tensor degrees = rows > 0 && !scatter_degrees ? Tensor()
+                                                : at::zeros({num_graphs, num_nodes}, logits.options().dtype(at::kDouble));
   Tensor touched = at::zeros({num_graphs, num_nodes}, logits.options().dtype(at::kBool));
   Tensor kept_values = at::empty({rows, k}, f32);
   Tensor kept_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
@@ -144,8 +147,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_degrees(
     P.values_mode = options.values;
     P.nodes_mode = options.nodes;
     P.inv_temperature = static_cast<float>(1.0 / temperature);
-    P.scatter_kind = cosine ? kScatterNodeMax : (deterministic ? kScatterNone : kScatterDegrees);
-    P.degrees = degrees.data_ptr<double>();
+    P.scatter_kind = cosine ? kScatterNodeMax : (scatter_degrees ? kScatterDegrees : kScatterNone);
+    P.degrees = scatter_degrees ? degrees.data_ptr<double>() : nullptr;
     P.node_max = cosine ? node_max.data_ptr<float>() : nullptr;
     P.touched = touched.data_ptr<bool>();
     P.kept_values = kept_values.data_ptr<float>();

@@ -84,8 +84,6 @@ struct Chunk {
     C.teacher_lse = teacher_lse.data_ptr<float>();
     C.signs = signs.data_ptr<int8_t>();
     C.above = above.data_ptr<int>();
-    C.capacity_p = vocab;
-    C.capacity_q = teacher_vocab;
     C.mixed_p_keys = reinterpret_cast<uint32_t*>(mixed_p_keys.data_ptr<int>());
     C.mixed_p_ids = reinterpret_cast<uint32_t*>(mixed_p_ids.data_ptr<int>());
     C.mixed_q_keys = reinterpret_cast<uint32_t*>(mixed_q_keys.data_ptr<int>());

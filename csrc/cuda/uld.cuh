@@ -33,7 +33,7 @@ constexpr int kUldBins = static_cast<int>(kUldInfinityKey >> kUldBinShift) + 1;
 constexpr int kUldKeyBits = 31;  // keys of non-negative floats have the sign bit 0
 
 // One chunk of rows of a ULD call. Row-indexed arrays of the call are global (index row_begin + r); the scratch
-// arrays hold one segment per chunk row (index r), `capacity_*` entries each.
+// arrays hold one segment per chunk row (index r), `vocab` (student) or `teacher_vocab` entries each.
 struct UldChunk {
   int64_t row_begin, rows;
   int64_t vocab, teacher_vocab, teacher_rows;
@@ -46,10 +46,9 @@ struct UldChunk {
   float* teacher_lse;       // (N,)
   int8_t* signs;            // (rows, kUldBins)
   int* above;               // (rows, 2, kUldBins): entries of the student / teacher in higher bins
-  int64_t capacity_p, capacity_q;
-  uint32_t* mixed_p_keys;   // (rows, capacity_p), sorted into sorted_p_keys / sorted_p_ids
+  uint32_t* mixed_p_keys;   // (rows, vocab), sorted into sorted_p_keys / sorted_p_ids
   uint32_t* mixed_p_ids;
-  uint32_t* mixed_q_keys;   // (rows, capacity_q), sorted into sorted_q_keys
+  uint32_t* mixed_q_keys;   // (rows, teacher_vocab), sorted into sorted_q_keys
   uint32_t* sorted_p_keys;
   uint32_t* sorted_p_ids;
   uint32_t* sorted_q_keys;
@@ -216,7 +215,7 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
   __shared__ int mixed_p, mixed_q;
   const int64_t r = blockIdx.x, row = C.row_begin + r;
   const int64_t partner = uld_partner(C, row);
-  const int64_t base_p = r * C.capacity_p, base_q = r * C.capacity_q;
+  const int64_t base_p = r * C.vocab, base_q = r * C.teacher_vocab;
   if (partner < 0) {
     if (threadIdx.x == 0) {
       C.begin_p[r] = C.end_p[r] = static_cast<int>(base_p);
@@ -299,7 +298,7 @@ __global__ void __launch_bounds__(kUldBlock) uld_bins_kernel(const T* __restrict
 // temp = null only sets temp_bytes, the temporary storage CUB needs.
 inline cudaError_t launch_uld_sort(void* temp, size_t& temp_bytes, const UldChunk& C, cudaStream_t stream) {
   const int rows = static_cast<int>(C.rows);
-  const int items_p = static_cast<int>(C.rows * C.capacity_p), items_q = static_cast<int>(C.rows * C.capacity_q);
+  const int items_p = static_cast<int>(C.rows * C.vocab), items_q = static_cast<int>(C.rows * C.teacher_vocab);
   size_t bytes_p = 0, bytes_q = 0;
   // storage = null: CUB only sets the sizes
   const auto sort = [&](void* storage) {

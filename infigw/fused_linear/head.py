@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import dispatch, distributed
-from ..checks import FLOAT_DTYPES, check_positive, check_same_device
+from ..checks import check_logits, check_positive, check_same_device
 from ..contract import compute_dtype
 from ..reference import select_topk
 
@@ -160,16 +160,10 @@ def validated_head(hidden, weight, bias, logit_scale, logit_softcapping, names, 
     """Validate one model's hidden states (B, T, H) and head ``weight`` (V, H), ``bias`` (V,) (with
     ``vocab_group``: this rank's rows of a vocabulary-parallel head, gathered whole)."""
     hidden_name, weight_name, bias_name = names
-    for tensor, name, ndim in ((hidden, hidden_name, 3), (weight, weight_name, 2), (bias, bias_name, 1)):
-        if tensor is None and name == bias_name:
-            continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {tensor.dtype}")
-        if tensor.dim() != ndim or tensor.numel() == 0:
-            layout = {3: "(batch, positions, hidden)", 2: "(vocab, hidden)", 1: "(vocab,)"}[ndim]
-            raise ValueError(f"{name} must be a non-empty {layout} tensor, got shape {tuple(tensor.shape)}")
+    for tensor, name, ndim, layout in ((hidden, hidden_name, 3, "(batch, positions, hidden)"),
+                                       (weight, weight_name, 2, "(vocab, hidden)"), (bias, bias_name, 1, "(vocab,)")):
+        if tensor is not None or name != bias_name:
+            check_logits(tensor, name, ndim, layout)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{weight_name} has shape {tuple(weight.shape)}: its hidden size must match "
                          f"{hidden_name}'s {hidden.shape[-1]}")

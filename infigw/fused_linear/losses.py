@@ -138,13 +138,9 @@ def fused_linear_gld_loss(student_hidden, lm_head_weight, teacher_logits, labels
     check_records_serve(inputs.teachers, values=values, exact_probs=values == "probs", temperature=temperature)
 
     def finish(summary, _per_position, graphs=True):
-        terms, included = functional.gld_terms(inputs, k=k, values=values, nodes=nodes, graph_norm=graph_norm,
-                                               scope=scope, num_nodes=num_nodes, distance=distance,
-                                               temperature=temperature, deterministic=deterministic,
-                                               backend=backend, student=summary, degree_stage=parallel.degree_stage)
-        weights, token_weights = parallel.graph_weights(inputs, included, scope)
-        loss = parallel.reduce((weights * terms).sum(0), included.any(0), reduction)
-        return loss, {"gld": terms.detach(), "weights": weights, "included": included}, token_weights
+        return functional.gld_result(inputs, parallel, summary, reduction=reduction, k=k, values=values, nodes=nodes,
+                                     graph_norm=graph_norm, scope=scope, num_nodes=num_nodes, distance=distance,
+                                     temperature=temperature, deterministic=deterministic, backend=backend)
 
     student = _Student(head, k, temperature, backend, chunk_size)
     loss, components, token_weights = _student_pass(student, inputs, finish, lse_grad=values == "probs",
@@ -183,9 +179,7 @@ def fused_linear_uld_loss(student_hidden, lm_head_weight, teacher_logits, labels
         if per_position is None:  # the top-k form reads the student's summary
             per_position = uld.terms(inputs, temperature=temperature, top_k=top_k, standardized=standardize,
                                      record_tail=record_tail, student=summary, backend=backend)
-        per_sequence, mean_terms, included, weights, token_weights = uld.weighted(per_position, inputs)
-        loss = parallel.reduce(per_sequence, included.any(0), reduction)
-        return loss, {"uld": mean_terms.detach(), "weights": weights, "included": included}, token_weights
+        return uld.reduced(per_position, inputs, parallel.reduce, reduction)
 
     full = None if top_k is not None else teachers.full_uld(inputs, temperature, record_tail, backend)
     student = _Student(head, top_k or 1, temperature, backend, chunk_size)

@@ -12,7 +12,8 @@ from ..alignment import offset_match, offset_pairs, response_mask
 from .collate import RecordBatch, collate
 from .importers import import_distillkit, import_vllm
 from .manifest import RecordStoreError, merge_index
-from .store import Example, RecordStore, StoreMetadata, StoreWriter, TokenizerMismatchError, open_store, tokenizer_identity
+from .store import (Example, RecordStore, StoreMetadata, StoreWriter, TokenizerMismatchError, open_store,
+                    tokenizer_identity)
 from .text import token_offsets, trim_leading_whitespace
 
 open = open_store  # noqa: A001  (infigw.records.open(STORE), like a dataset library's open)

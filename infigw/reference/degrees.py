@@ -13,8 +13,7 @@ is at most +-inf in fp32, never inf - inf. O(rows * k) work and memory beyond th
 import torch
 
 from ..contract import NODES, NORMS, TopKDegrees, compute_dtype
-from .select import log_values as log_node_values
-from .select import row_logsumexp, select_topk
+from .select import log_values, row_logsumexp, select_topk, values_from_logs
 
 
 def node_ids(kept_ids: torch.Tensor, nodes: str) -> torch.Tensor:
@@ -110,8 +109,8 @@ def topk_degrees(logits, row_graph, num_graphs: int, k: int, values: str = "logi
     logits = torch.where(valid, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     kept, kept_ids = select_topk(logits, k)
     row_lse = row_logsumexp(logits, temperature) if values == "probs" else None
-    logs = log_node_values(kept, values, temperature, row_lse)
-    kept_values = kept.to(compute_dtype(kept.dtype)) if logs is None else logs.exp()
+    logs = log_values(kept, values, temperature, row_lse)
+    kept_values = values_from_logs(kept, logs)
     kept_values = torch.where(valid, kept_values, torch.zeros_like(kept_values))
     num_nodes = logits.shape[-1] if nodes == "vocab" else k
     degrees, touched = degrees_from_kept(kept_values, kept_ids, row_graph, num_graphs, num_nodes, nodes, norm, logs)

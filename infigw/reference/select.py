@@ -4,6 +4,8 @@ Contract (docs/math.md §2): the kept set of a row is its k largest entries; amo
 vocabulary id wins; the kept entries are returned in *rank order* (value descending, then id ascending).
 NaN ranks above every number (as in ``torch.topk``/``torch.sort``), so a NaN in a row is always kept.
 """
+from typing import Optional
+
 import torch
 
 from ..contract import VALUES, compute_dtype
@@ -84,5 +86,10 @@ def transform_values(kept: torch.Tensor, values: str, temperature: float = 1.0, 
     ``logits``: the kept logits. ``probs``: ``exp(kept / T - row_lse)`` with ``row_lse`` the full-row
     logsumexp of ``logits / T`` (required). ``topk_probs`` (ours): softmax of ``kept / T`` over the k kept.
     """
-    logs = log_values(kept, values, temperature, row_lse)
+    return values_from_logs(kept, log_values(kept, values, temperature, row_lse))
+
+
+def values_from_logs(kept: torch.Tensor, logs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Node values from the kept logits and :func:`log_values`' logs: the logits in the compute dtype, or
+    ``exp(logs)``."""
     return kept.to(compute_dtype(kept.dtype)) if logs is None else logs.exp()

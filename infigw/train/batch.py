@@ -160,20 +160,16 @@ class SequenceView:
 def sequence_view(position_ids: Optional[torch.Tensor]) -> Optional[SequenceView]:
     """Split packed (B, T) rows at ``position_ids == 0`` (after column 0). Returns None when there are no
     ``position_ids`` or no row is packed (each row is one sequence), so unpacked batches pay nothing. Syncs with
-    the host once (the number of sequences)."""
+    the host twice (where the sequences start, and the longest)."""
     if position_ids is None:
         return None
     starts = position_ids == 0
     starts[:, 0] = True
-    if bool(starts.sum() == starts.shape[0]):
-        return None
     (batch, length), device = position_ids.shape, position_ids.device
-    sequence = starts.long().cumsum(-1) - 1 + (torch.arange(batch, device=device) * length).unsqueeze(-1)
-    flat = sequence.reshape(-1)
-    ids, position = torch.unique(flat, return_inverse=True)
-    first = torch.full((ids.numel(),), batch * length, dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, position, torch.arange(flat.numel(), device=device), "amin")
-    lengths = torch.bincount(position, minlength=ids.numel())
+    first = starts.reshape(-1).nonzero()[:, 0]  # flat start of every sequence, in order
+    if first.numel() == batch:
+        return None
+    lengths = torch.diff(first, append=first.new_tensor([batch * length]))
     width = int(lengths.max())
     slot = torch.arange(width, device=device)
     inside = slot < lengths.unsqueeze(-1)

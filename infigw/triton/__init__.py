@@ -2,9 +2,9 @@
 
 The loss ops are ``torch.library.triton_op``s in the ``infigw_triton`` namespace (``torch.compile`` traces into
 the kernels without graph breaks) with their autograd registered beside them, one file per op; ``dlf_search``
-(decoding, no gradient) launches its kernels directly. What they share is in ``_common.py``. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (read when this
-package is imported), which is how CI tests them. Importing this package without Triton marks the backend
-unavailable with the reason.
+(decoding, no gradient) launches its kernels directly. What they share is in ``_common.py``. Kernels run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (read when this package is imported), which is how CI
+tests them. Importing this package without Triton marks the backend unavailable with the reason.
 """
 from .. import dispatch
 

@@ -490,18 +490,19 @@ def _topk_degrees_op(
     num_nodes = k if rank_nodes else vocab
     probability = values_code != VALUES["logits"]
     cosine = graph_norm == "cosine"
-    degrees = torch.zeros(num_graphs, num_nodes, dtype=torch.float64, device=device)
+    fused = not (cosine or deterministic)  # the rows kernel scatters the degrees, else the aggregation sums them
+    degrees = torch.zeros(num_graphs, num_nodes, dtype=torch.float64, device=device) if fused or not rows else None
     touched = torch.zeros(num_graphs, num_nodes, dtype=torch.bool, device=device)
     kept_values = torch.empty(rows, k, dtype=torch.float32, device=device)
     kept_ids = torch.empty(rows, k, dtype=torch.int64, device=device)
     row_lse = torch.empty(rows if probability else 0, dtype=torch.float32, device=device)
     logs = torch.empty(rows, k, dtype=torch.float32, device=device) if probability and cosine else None
     if rows:
-        fused = not (cosine or deterministic)
         block, warps = _vocab_block(vocab, logits.dtype)
         wrap_triton(_topk_rows_kernel)[(rows,)](
             logits, logits.stride(0), vocab, row_graph, num_graphs, kept_values, kept_ids,
-            row_lse if probability else kept_values, logs if logs is not None else kept_values, degrees, touched,
+            row_lse if probability else kept_values, logs if logs is not None else kept_values,
+            degrees if fused else kept_values, touched,
             num_nodes, 1.0 / temperature, K=k, K_PAD=padded(k), BLOCK_V=block, VALUES_MODE=values_code,
             RANK_NODES=rank_nodes, SCATTER=fused, WRITE_LOGS=logs is not None, num_warps=warps)
         if not fused:
@@ -558,8 +559,8 @@ def _topk_degrees_backward_op(
         node_max, inv_sqrt_q = kept.cosine_scale(deterministic)
         z = kept.aggregate(_COSINE_Z, deterministic, node_max=node_max, inv_sqrt_q=inv_sqrt_q,
                            grad_degrees=grad_degrees)
-    counts = _rows_per_graph(row_graph, num_graphs).clamp_min(1)
-    scale = (1.0 / counts.to(torch.float32)) if graph_norm == "mean" else torch.ones_like(counts, dtype=torch.float32)
+    scale = (1.0 / _rows_per_graph(row_graph, num_graphs).clamp_min(1).to(torch.float32) if graph_norm == "mean"
+             else torch.ones(num_graphs, dtype=torch.float32, device=device))
     grad_kept = torch.empty(rows, k, dtype=torch.float32, device=device)
     coef = torch.empty(rows if probs else 0, dtype=torch.float32, device=device)
     wrap_triton(_grad_rows_kernel)[(rows,)](
